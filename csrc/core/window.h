@@ -1,0 +1,78 @@
+// SPDX-License-Identifier: Apache-2.0
+// Adaptive in-flight window: how many buckets (and bytes) may be in flight, decided from
+// measured bucket service times. Torch-free, CUDA-free, deterministic (time is an input).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+
+namespace hw {
+
+struct WindowConfig {
+  int base = 4;                // HOTWEIGHTS_IPC_INFLIGHT_BUCKETS
+  int64_t byte_cap = 0;        // HOTWEIGHTS_IPC_INFLIGHT_BYTES (0 = off)
+  bool adapt = true;           // HOTWEIGHTS_IPC_ADAPT
+  int min_window = 1;          // HOTWEIGHTS_IPC_MIN_INFLIGHT
+  int max_window = 16;         // HOTWEIGHTS_IPC_MAX_INFLIGHT
+  double target_s = 0.25;      // HOTWEIGHTS_IPC_TARGET_BUCKET_MS / 1000
+  double alpha = 0.5;          // grow while fewer than alpha buckets queue
+  double beta = 1.5;           // shrink when more than beta buckets queue
+  int history_rounds = 10;     // windowed min latency / max bandwidth horizon
+  int probe_every_rounds = 30; // drop to min_window for one round to refresh T_min; 0 = never
+};
+
+struct WindowEstimates {
+  double t_min_s = 0;        // windowed minimum bucket service time
+  double t_ewma_s = 0;       // smoothed service time (gain 1/8)
+  double bandwidth_Bps = 0;  // windowed maximum delivery rate
+  double queue_buckets = 0;  // Vegas queue estimate W * (1 - T_min / T_ewma)
+  double congestion = 0;     // queueing share of latency, 1 - T_min / T_ewma, in [0, 1]
+  int64_t rounds = 0, ups = 0, downs = 0, probes = 0, completions = 0;
+};
+
+// Note [Window controller]
+// A delay-based controller with a pipe model (Vegas + BBR, see docs/design/window.md):
+// service time T_i (dispatch -> every consumer acked; admission wait excluded) and bytes of
+// every completed bucket feed a min-filter T_min, an EWMA T_ewma and the delivery rate X of
+// each round. One decision per round (a window's worth of completions):
+//   over target (T_ewma > T_min + D_q) or queue > beta  -> W = max(min, floor(0.75 W))
+//   queue < alpha, W < cap, and (W < W_bdp or X grew >= 5% since the last increase) -> W + 1
+//   otherwise hold (the dead band between alpha and beta is the hysteresis).
+// D_q = max(0.25 T_min, target - T_min). W_bdp = ceil(X_max * T_min / S_mean) is the
+// bandwidth-delay product in buckets; recommended() reports W_bdp + 1 clipped to bounds.
+// The byte cap is enforced at admission (one bucket is always admitted when nothing is in
+// flight, so a bucket larger than the cap still progresses). W never leaves [min, max].
+class WindowController {
+ public:
+  explicit WindowController(const WindowConfig& cfg);
+
+  /// True when a bucket of next_bytes may start with the given load in flight.
+  bool can_admit(int inflight_buckets, int64_t inflight_bytes, int64_t next_bytes) const;
+  /// Feeds one completed bucket: now_s (monotonic), its service time and size.
+  void on_complete(double now_s, double service_s, int64_t bytes);
+
+  int current() const { return probing_ ? cfg_.min_window : window_; }
+  int recommended() const;
+  const WindowEstimates& estimates() const { return est_; }
+  const WindowConfig& config() const { return cfg_; }
+
+ private:
+  void decide(double now_s);
+  int cap() const;
+
+  WindowConfig cfg_;
+  int window_;
+  bool probing_ = false;
+  int rounds_since_probe_ = 0;
+  int64_t round_done_ = 0;
+  int64_t round_bytes_ = 0;
+  double round_start_s_ = -1;
+  double round_min_s_ = -1;
+  double s_mean_ = 0, s_max_ = 0;
+  double x_at_increase_ = 0;
+  std::deque<double> round_mins_;   // per-round minimum service time
+  std::deque<double> round_rates_;  // per-round delivery rate
+  WindowEstimates est_;
+};
+
+}  // namespace hw

@@ -1,0 +1,355 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Typed facade over ``hotweights._C`` and ``torch.ops.hotweights``: nothing else imports them.
+
+The tensors' device picks the backend: CPU tensors go to the threaded host engine, CUDA
+tensors to the multi-stream CUDA engine (streams, events, one batched kernel launch for many
+small or hashed copies). Checksums are hw64 (Note [hw64 checksum] in csrc/core/checksum.h):
+the same bytes give the same 64-bit value on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import _C
+from . import config as _config
+
+__all__ = [
+    "HAS_CUDA_BUILD",
+    "CopyHandle",
+    "checksum",
+    "checksum_batch",
+    "copy_",
+    "gather",
+    "scatter",
+    "digest_host",
+    "hw64_partial",
+    "hw64_finalize",
+    "copy_settings",
+    "require_cuda_build",
+]
+
+HAS_CUDA_BUILD: bool = bool(_C.with_cuda)
+_U64 = (1 << 64) - 1
+
+
+def require_cuda_build(what: str) -> None:
+    """Raises a RuntimeError naming HOTWEIGHTS_CUDA when this _C has no CUDA half."""
+    if not HAS_CUDA_BUILD:
+        raise RuntimeError(
+            f"{what} needs CUDA, but hotweights._C was built without it "
+            f"({_C.build_info()['cuda_decision']}). Rebuild against a CUDA build of torch with "
+            "HOTWEIGHTS_CUDA=1 pip install --no-build-isolation -e ."
+        )
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+@torch.library.register_fake("hotweights::checksum")
+def _checksum_fake(self):
+    return self.new_empty((), dtype=torch.long)
+
+
+@torch.library.register_fake("hotweights::checksum_batch")
+def _checksum_batch_fake(tensors):
+    return tensors[0].new_empty((len(tensors),), dtype=torch.long)
+
+
+def checksum(t: torch.Tensor) -> int:
+    """hw64 digest (unsigned 64-bit int) of a contiguous tensor's bytes, computed where it lives."""
+    return int(torch.ops.hotweights.checksum(_contig(t, "checksum")).item()) & _U64
+
+
+def checksum_batch(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """hw64 digests of many tensors as a uint64 array; CUDA tensors are hashed on their GPU.
+
+    Tensors may live on different devices: one batched call per device, one sync per device.
+    """
+    out = np.zeros(len(tensors), dtype=np.uint64)
+    by_dev: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dev.setdefault(t.device, []).append(i)
+    for dev, idx in by_dev.items():
+        if dev.type == "cpu":
+            ptrs = np.fromiter((tensors[i].data_ptr() for i in idx), np.uint64, len(idx))
+            sizes = np.fromiter((_nbytes(_contig(tensors[i], "checksum_batch")) for i in idx),
+                                np.uint64, len(idx))
+            out[idx] = _C.hw64_digest_many(ptrs, sizes)
+        else:
+            res = torch.ops.hotweights.checksum_batch(
+                [_contig(tensors[i], "checksum_batch") for i in idx])
+            out[idx] = res.cpu().numpy().view(np.uint64)
+    return out
+
+
+def digest_host(ptr: int, nbytes: int) -> int:
+    """hw64 digest of host memory at a raw address (multi-threaded)."""
+    return _C.hw64_digest(ptr, nbytes)
+
+
+def hw64_partial(ptr: int, nbytes: int, word_base: int = 0) -> int:
+    """Partial hw64 sum of host memory whose first word has index ``word_base``."""
+    return _C.hw64_partial(ptr, nbytes, word_base)
+
+
+def hw64_finalize(partial_sum: int, nbytes: int) -> int:
+    """Turns a (combined) partial sum over ``nbytes`` into the hw64 digest."""
+    return _C.hw64_finalize(partial_sum & _U64, nbytes)
+
+
+# --------------------------------------------------------------------------- copy engine
+
+
+@dataclasses.dataclass(frozen=True)
+class CopySettings:
+    """Chunk size and stream (thread) count the engine uses for one link."""
+
+    chunk_bytes: int
+    streams: int
+    source: str  # "env", "default" or "autotune:<link>"
+
+
+# Seed values per link kind, used when HOTWEIGHTS_IPC_COPY_AUTOTUNE=1 (hotweights.topo refines
+# "peer" into NVLink or PCIe when it can tell them apart).
+_AUTOTUNE = {
+    "host": (16 << 20, 2),
+    "same_device": (64 << 20, 2),
+    "host_to_device": (8 << 20, 2),
+    "device_to_host": (8 << 20, 2),
+    "peer_nvlink": (64 << 20, 4),
+    "peer_pcie": (8 << 20, 2),
+    "peer": (16 << 20, 2),
+}
+
+_link_classifier = None  # set by hotweights.topo: (src_device, dst_device) -> link kind
+
+
+def set_link_classifier(fn) -> None:
+    """Lets the topology module say whether a peer pair is NVLink or PCIe."""
+    global _link_classifier
+    _link_classifier = fn
+    _engine.cache_clear()
+
+
+def link_kind(src: torch.device, dst: torch.device) -> str:
+    """Kind of link a copy from src to dst uses (host, same_device, peer, ...)."""
+    if src.type == "cpu" and dst.type == "cpu":
+        return "host"
+    if src.type == "cpu":
+        return "host_to_device"
+    if dst.type == "cpu":
+        return "device_to_host"
+    if src.index == dst.index:
+        return "same_device"
+    if _link_classifier is not None:
+        return _link_classifier(src.index, dst.index)
+    return "peer"
+
+
+def copy_settings(src: torch.device, dst: torch.device, cfg=None) -> CopySettings:
+    """Chunk size and streams for a copy from src to dst (explicit settings beat autotune)."""
+    cfg = cfg or _config.get()
+    chunk, streams, source = cfg.copy_chunk_bytes, cfg.ipc_copy_streams, "default"
+    if cfg.ipc_copy_autotune:
+        kind = link_kind(src, dst)
+        chunk, streams = _AUTOTUNE.get(kind, _AUTOTUNE["peer"])
+        source = f"autotune:{kind}"
+    if "ipc_copy_chunk_mb" in cfg.explicit:
+        chunk, source = cfg.copy_chunk_bytes, "env"
+    if "ipc_copy_streams" in cfg.explicit:
+        streams, source = cfg.ipc_copy_streams, "env"
+    return CopySettings(chunk, streams, source)
+
+
+@functools.lru_cache(maxsize=None)
+def _engine(kind: str, device: int, chunk_bytes: int, streams: int):
+    # Engines live for the process: their streams/threads are reused by every batch.
+    if kind == "cpu":
+        return _C.CpuCopyEngine(streams, chunk_bytes)
+    require_cuda_build("a copy between CUDA tensors")
+    return _C.cuda.CudaCopyEngine(device, streams, chunk_bytes)
+
+
+class CopyHandle:
+    """Completion of an asynchronous batch: keeps its tensors alive until it is done.
+
+    ``wait(timeout)`` raises TimeoutError when the batch is not done in time (the batch keeps
+    running and may be waited on again), and re-raises a copy error. On CUDA, ``wait`` blocks
+    the host; the caller's stream is already ordered after the batch (Note [Stream ordering]).
+    """
+
+    def __init__(self, completion, keepalive, hashed_nbytes: list[int] | None):
+        self._c = completion
+        self._keep = keepalive
+        self._hashed = hashed_nbytes
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        """True when every copy of the batch finished."""
+        return self._c.done()
+
+    def wait(self, timeout: float | None = None) -> "CopyHandle":
+        """Blocks until done (or ``timeout`` seconds); raises TimeoutError or the copy error."""
+        if not self._c.wait(-1.0 if timeout is None else float(timeout)):
+            raise TimeoutError(f"copy batch not finished after {timeout} s")
+        self._c.rethrow()
+        with self._lock:
+            self._keep = None
+        return self
+
+    def digests(self) -> list[int]:
+        """hw64 digests of each hash group (after wait); see gather/scatter."""
+        self.wait()
+        if not self._hashed:
+            raise RuntimeError("this copy batch was not asked to hash (pass hash=True)")
+        return [hw64_finalize(s, n) for s, n in zip(self._c.hashes(), self._hashed)]
+
+    def digest(self) -> int:
+        """The digest of a single-group batch (a gathered or scattered bucket)."""
+        (d,) = self.digests()
+        return d
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _contig(t: torch.Tensor, op: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{op}: tensor of shape {tuple(t.shape)} with strides {t.stride()} is not contiguous"
+        )
+    return t
+
+
+def _submit(dsts: list[torch.Tensor], srcs: list[torch.Tensor], sizes: list[int],
+            dst_ptrs: list[int], src_ptrs: list[int], hash_base: list[int] | None,
+            keepalive, op: str, hashed_nbytes: int | None) -> CopyHandle:
+    devs = {t.device for t in (*dsts, *srcs)}
+    cuda_devs = sorted({d.index for d in devs if d.type == "cuda"})
+    arr = lambda v: np.asarray(v, dtype=np.uint64)  # noqa: E731
+    hidx = hbase = None
+    nh = 0
+    if hash_base is not None:
+        hidx = np.zeros(len(sizes), dtype=np.int64)
+        hbase = arr(hash_base)
+        nh = 1
+    if not cuda_devs:
+        st = copy_settings(torch.device("cpu"), torch.device("cpu"))
+        eng = _engine("cpu", -1, st.chunk_bytes, st.streams)
+        c = eng.submit(arr(dst_ptrs), arr(src_ptrs), arr(sizes), hidx, hbase, nh)
+    else:
+        src_dev = next(iter({t.device for t in srcs}), torch.device("cpu"))
+        dst_dev = next(iter({t.device for t in dsts}), torch.device("cpu"))
+        device = dst_dev.index if dst_dev.type == "cuda" else src_dev.index
+        kernel_ok = all(d.type == "cuda" for d in devs)
+        if nh and not kernel_ok:
+            raise ValueError(f"{op}: hashing needs both sides on CUDA devices, got {sorted(map(str, devs))}")
+        st = copy_settings(src_dev, dst_dev)
+        eng = _engine("cuda", device, st.chunk_bytes, st.streams)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        c = eng.submit(arr(dst_ptrs), arr(src_ptrs), arr(sizes), hidx, hbase, nh, stream,
+                       kernel_ok)
+    return CopyHandle(c, keepalive, [hashed_nbytes] if nh else None)
+
+
+def copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *,
+          async_op: bool = False, timeout: float | None = None) -> CopyHandle:
+    """Copies each src into its dst (same dtype and shape, contiguous, no overlaps), chunked
+    over the engine's streams/threads. Returns a completed handle, or a pending one with
+    ``async_op=True`` (keep the tensors unmodified until it is done)."""
+    dsts, srcs = list(dsts), list(srcs)
+    if len(dsts) != len(srcs):
+        raise ValueError(f"copy_: {len(dsts)} destinations but {len(srcs)} sources")
+    for i, (d, s) in enumerate(zip(dsts, srcs)):
+        _contig(d, "copy_"), _contig(s, "copy_")
+        if d.dtype != s.dtype or d.shape != s.shape:
+            raise ValueError(
+                f"copy_: pair {i}: destination {d.dtype}{tuple(d.shape)} does not match source "
+                f"{s.dtype}{tuple(s.shape)}"
+            )
+    sizes = [_nbytes(s) for s in srcs]
+    h = _submit(dsts, srcs, sizes, [d.data_ptr() for d in dsts], [s.data_ptr() for s in srcs],
+                None, (dsts, srcs), "copy_", None)
+    return h if async_op else h.wait(timeout)
+
+
+def _check_buffer(buf: torch.Tensor, op: str) -> None:
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+        raise ValueError(
+            f"{op}: buffer must be a contiguous 1-D uint8 tensor, got {buf.dtype}{tuple(buf.shape)}"
+        )
+
+
+def _layout(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequence[int],
+            lengths: Sequence[int] | None, tensor_offsets: Sequence[int] | None, op: str):
+    if len(offsets) != len(tensors):
+        raise ValueError(f"{op}: {len(tensors)} tensors but {len(offsets)} offsets")
+    sizes, tptrs, bptrs = [], [], []
+    base = buf.data_ptr()
+    cap = buf.numel()
+    for i, t in enumerate(tensors):
+        _contig(t, op)
+        tn = _nbytes(t)
+        toff = 0 if tensor_offsets is None else int(tensor_offsets[i])
+        n = tn - toff if lengths is None else int(lengths[i])
+        off = int(offsets[i])
+        if toff < 0 or n < 0 or toff + n > tn:
+            raise ValueError(f"{op}: piece {i} [{toff}, {toff + n}) is outside its tensor of {tn} bytes")
+        if off < 0 or off + n > cap:
+            raise ValueError(f"{op}: piece {i} at offset {off} with {n} bytes runs past the "
+                             f"buffer of {cap} bytes")
+        sizes.append(n)
+        tptrs.append(t.data_ptr() + toff)
+        bptrs.append(base + off)
+    return sizes, tptrs, bptrs
+
+
+def gather(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequence[int], *,
+           lengths: Sequence[int] | None = None, tensor_offsets: Sequence[int] | None = None,
+           hash: bool = False, async_op: bool = False, timeout: float | None = None) -> CopyHandle:
+    """Packs tensors (or byte pieces of them) into a uint8 buffer at the given offsets.
+
+    With ``hash=True`` the handle's ``digest()`` is the bucket digest: hw64 over the pieces,
+    each keyed by its offset in the buffer (offsets must be multiples of 8), so the receiver
+    reproduces it while scattering.
+    """
+    _check_buffer(buf, "gather")
+    sizes, tptrs, bptrs = _layout(buf, tensors, offsets, lengths, tensor_offsets, "gather")
+    hb = _hash_base(offsets, "gather") if hash else None
+    h = _submit([buf], list(tensors), sizes, bptrs, tptrs, hb, (buf, tensors), "gather",
+                sum(sizes))
+    return h if async_op else h.wait(timeout)
+
+
+def scatter(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequence[int], *,
+            lengths: Sequence[int] | None = None, tensor_offsets: Sequence[int] | None = None,
+            hash: bool = False, async_op: bool = False, timeout: float | None = None) -> CopyHandle:
+    """Unpacks byte pieces of a uint8 buffer into tensors; the inverse of :func:`gather`.
+
+    With ``hash=True`` the digest covers the buffer bytes read, keyed like gather's.
+    """
+    _check_buffer(buf, "scatter")
+    sizes, tptrs, bptrs = _layout(buf, tensors, offsets, lengths, tensor_offsets, "scatter")
+    hb = _hash_base(offsets, "scatter") if hash else None
+    h = _submit(list(tensors), [buf], sizes, tptrs, bptrs, hb, (buf, tensors), "scatter",
+                sum(sizes))
+    return h if async_op else h.wait(timeout)
+
+
+def _hash_base(offsets: Sequence[int], op: str) -> list[int]:
+    out = []
+    for i, off in enumerate(offsets):
+        if int(off) % 8:
+            raise ValueError(f"{op}: offset {off} of piece {i} is not a multiple of 8 (needed to hash)")
+        out.append(int(off) // 8)
+    return out

@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Inter-node transports (MPI > UCX > torch.distributed) and their auto-selection."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+from .. import config as _config
+
+__all__ = ["select_transport"]
+
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+_TORCH_ENV = ("MASTER_ADDR", "RANK", "WORLD_SIZE")
+
+
+def _under_mpi() -> str | None:
+    return next((k for k in _MPI_ENV if k in os.environ), None)
+
+
+def select_transport(forced: str | None = None, explain: bool = False) -> Any:
+    """Which inter-node transport this process would use, and why.
+
+    Order: MPI when launched by an MPI launcher and mpi4py is installed; else UCX when ucxx is
+    installed; else torch.distributed when a process group is initialised or the torchrun
+    variables are set; else ``local`` (one node, IPC only). HOTWEIGHTS_TRANSPORT forces one.
+    Returns the name, or ``{"selected", "reason", "candidates"}`` with ``explain=True``.
+    """
+    cfg = _config.get()
+    want = forced or cfg.transport
+    cands: dict[str, str] = {}
+    env = _under_mpi()
+    has_mpi4py = importlib.util.find_spec("mpi4py") is not None
+    cands["mpi"] = ("ok" if env and has_mpi4py else
+                    "mpi4py not installed" if not has_mpi4py else "not launched by mpirun/mpiexec")
+    has_ucx = importlib.util.find_spec("ucxx") is not None
+    cands["ucx"] = "ok" if has_ucx else "ucxx not installed"
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        cands["torch"] = "ok (process group initialised)"
+    elif dist.is_available() and all(k in os.environ for k in _TORCH_ENV):
+        cands["torch"] = "ok (torchrun environment)"
+    else:
+        cands["torch"] = "no process group and no MASTER_ADDR/RANK/WORLD_SIZE"
+    cands["local"] = "ok (single node)"
+    if want != "auto":
+        sel, reason = want, f"forced by HOTWEIGHTS_TRANSPORT={want}"
+        if not cands[want].startswith("ok"):
+            reason += f" (warning: {cands[want]})"
+    else:
+        sel = next(k for k in ("mpi", "ucx", "torch", "local") if cands[k].startswith("ok"))
+        reason = f"auto: {cands[sel]}"
+    if explain:
+        return {"selected": sel, "reason": reason, "candidates": cands}
+    return sel

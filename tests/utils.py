@@ -1,0 +1,58 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Test helpers: device parametrization, spawned children that are always cleaned up."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import socket
+
+import pytest
+
+
+def cpu_and_cuda():
+    """Parametrize over "cpu" always and "cuda" (marked, so it skips with a reason)."""
+    return ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def spawned(target, *args, n: int = 1, timeout: float = 60.0):
+    """Starts n spawn-context children running target(i, *args); always terminates them.
+
+    Yields the list of processes; on exit joins them with a timeout, kills stragglers and
+    raises if any exited non-zero (with its exit code or signal).
+    """
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(i, *args), daemon=True) for i in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        yield procs
+        for p in procs:
+            p.join(timeout)
+        bad = [(p.pid, p.exitcode) for p in procs if p.exitcode not in (0,)]
+        if bad:
+            raise AssertionError(f"children failed (pid, exitcode; negative = signal): {bad}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def hotweights_fds() -> list[str]:
+    """Open /proc/self/fd entries that point at hotweights memfds (leak checks)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if "hotweights:" in target:
+                out.append(target)
+    return out
