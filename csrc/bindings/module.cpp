@@ -249,6 +249,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("service_s"), py::arg("bytes"))
       .def_property_readonly("current", &hw::WindowController::current)
       .def_property_readonly("recommended", &hw::WindowController::recommended)
+      .def_property_readonly("target", &hw::WindowController::target)
+      .def_property_readonly("probing", &hw::WindowController::probing)
       .def("estimates", [](const hw::WindowController& w) { return estimates_dict(w.estimates()); });
 
   // --- bucket packing (Note [Bucket packing]) ---

@@ -156,6 +156,9 @@ std::unique_ptr<ShmRegion> ShmRegion::import(const std::string& bytes) {
            " is not the region the handle describes (owner restarted?)");
   HW_CHECK(h->generation.load() == w.generation, "stale shared-memory handle '", r->name_,
            "': generation ", w.generation, ", region is at generation ", h->generation.load());
+  // The mapping keeps the memory alive; an importer needs no descriptor after mmap.
+  ::close(r->fd_);
+  r->fd_ = -1;
   r->data_ = static_cast<char*>(r->base_) + kShmHeaderBytes;
   r->size_ = w.size;
   r->generation_ = w.generation;

@@ -65,59 +65,83 @@ void WindowController::on_complete(double now_s, double service_s, int64_t bytes
   const double b = static_cast<double>(bytes);
   s_mean_ = s_mean_ == 0 ? b : s_mean_ + (b - s_mean_) / 8;
   s_max_ = std::max(s_max_, b);
-  est_.t_ewma_s = est_.t_ewma_s == 0 ? service_s : est_.t_ewma_s + (service_s - est_.t_ewma_s) / 8;
-  if (round_done_ >= current()) decide(now_s);
+  // Probe and refill rounds are not representative of the steady queue: they feed T_min and
+  // the rate history but not the smoothed latency that the decisions compare against T_min.
+  if (!probing_ && settle_rounds_ == 0)
+    est_.t_ewma_s = est_.t_ewma_s == 0 ? service_s : est_.t_ewma_s + (service_s - est_.t_ewma_s) / 8;
+  if (probing_) {
+    // A probe first drains the buckets admitted before it, then measures min_window
+    // unloaded ones; only then is its minimum a fresh no-load latency.
+    if (--probe_left_ <= 0) {
+      close_round(now_s, /*probe=*/true);
+      probing_ = false;
+      settle_rounds_ = 2;  // the refill burst after a probe is not queueing: no decision
+    }
+    return;
+  }
+  if (round_done_ >= window_) decide(now_s);
 }
 
-void WindowController::decide(double now_s) {
-  // Close the round: its minimum latency and its delivery rate join the history.
+double WindowController::close_round(double now_s, bool probe) {
   const double elapsed = std::max(now_s - round_start_s_, 1e-9);
   const double rate = static_cast<double>(round_bytes_) / elapsed;
+  // T_min remembers at least one probe period, so a probe's fresh minimum lasts until the
+  // next probe; the delivery rate uses the shorter history (and ignores draining probes).
+  const size_t min_horizon = static_cast<size_t>(
+      std::max(cfg_.history_rounds, cfg_.probe_every_rounds + 2));
   round_mins_.push_back(round_min_s_);
-  round_rates_.push_back(rate);
-  while (static_cast<int>(round_mins_.size()) > cfg_.history_rounds) round_mins_.pop_front();
-  while (static_cast<int>(round_rates_.size()) > cfg_.history_rounds) round_rates_.pop_front();
+  while (round_mins_.size() > min_horizon) round_mins_.pop_front();
+  if (!probe) {
+    round_rates_.push_back(rate);
+    while (static_cast<int>(round_rates_.size()) > cfg_.history_rounds) round_rates_.pop_front();
+  }
   est_.t_min_s = *std::min_element(round_mins_.begin(), round_mins_.end());
-  est_.bandwidth_Bps = *std::max_element(round_rates_.begin(), round_rates_.end());
+  if (!round_rates_.empty())
+    est_.bandwidth_Bps = *std::max_element(round_rates_.begin(), round_rates_.end());
   est_.rounds++;
   round_done_ = 0;
   round_bytes_ = 0;
   round_start_s_ = now_s;
   round_min_s_ = -1;
-
   const double ratio = est_.t_ewma_s > 0 ? est_.t_min_s / est_.t_ewma_s : 1.0;
   est_.congestion = std::clamp(1.0 - ratio, 0.0, 1.0);
   est_.queue_buckets = window_ * est_.congestion;
-  if (!cfg_.adapt) return;
+  return rate;
+}
 
-  if (probing_) {  // the probe round is over: its latencies refreshed T_min
-    probing_ = false;
+void WindowController::decide(double now_s) {
+  close_round(now_s, /*probe=*/false);
+  if (!cfg_.adapt) return;
+  if (settle_rounds_ > 0) {
+    settle_rounds_--;
     return;
   }
   if (cfg_.probe_every_rounds > 0 && ++rounds_since_probe_ >= cfg_.probe_every_rounds &&
       window_ > cfg_.min_window) {
     rounds_since_probe_ = 0;
     probing_ = true;
+    probe_left_ = window_ + cfg_.min_window;
     est_.probes++;
     return;
   }
 
   const double dq = std::max(0.25 * est_.t_min_s, cfg_.target_s - est_.t_min_s);
   const bool over = est_.t_ewma_s > est_.t_min_s + dq;
-  const double bdp = s_mean_ > 0 ? std::ceil(est_.bandwidth_Bps * est_.t_min_s / s_mean_) : 0;
   const int c = cap();
-  if (over || est_.queue_buckets > cfg_.beta) {
+  if (over) {  // the latency budget is blown: back off multiplicatively
     const int next = std::max(cfg_.min_window, static_cast<int>(std::floor(window_ * 0.75)));
     if (next < window_) {
       window_ = next;
       est_.downs++;
     }
-    x_at_increase_ = 0;
-  } else if (est_.queue_buckets < cfg_.alpha && window_ < c &&
-             (window_ < bdp || rate > 1.05 * x_at_increase_)) {
+  } else if (est_.queue_buckets > cfg_.beta) {  // standing queue: one bucket less (Vegas)
+    if (window_ > cfg_.min_window) {
+      window_--;
+      est_.downs++;
+    }
+  } else if (est_.queue_buckets < cfg_.alpha && window_ < c) {  // pipe not full: one more
     window_++;
     est_.ups++;
-    x_at_increase_ = rate;
   }
   window_ = std::clamp(window_, cfg_.min_window, std::max(cfg_.min_window, c));
 }

@@ -18,7 +18,7 @@ struct WindowConfig {
   double alpha = 0.5;          // grow while fewer than alpha buckets queue
   double beta = 1.5;           // shrink when more than beta buckets queue
   int history_rounds = 10;     // windowed min latency / max bandwidth horizon
-  int probe_every_rounds = 30; // drop to min_window for one round to refresh T_min; 0 = never
+  int probe_every_rounds = 30; // every N rounds drain to min_window to refresh T_min; 0 = never
 };
 
 struct WindowEstimates {
@@ -35,9 +35,12 @@ struct WindowEstimates {
 // service time T_i (dispatch -> every consumer acked; admission wait excluded) and bytes of
 // every completed bucket feed a min-filter T_min, an EWMA T_ewma and the delivery rate X of
 // each round. One decision per round (a window's worth of completions):
-//   over target (T_ewma > T_min + D_q) or queue > beta  -> W = max(min, floor(0.75 W))
-//   queue < alpha, W < cap, and (W < W_bdp or X grew >= 5% since the last increase) -> W + 1
+//   over the latency budget (T_ewma > T_min + D_q)     -> W = max(min, floor(0.75 W))
+//   a standing queue (queue > beta buckets)            -> W - 1
+//   queue < alpha buckets and W < cap (the pipe is not full)   -> W + 1
 //   otherwise hold (the dead band between alpha and beta is the hysteresis).
+// Every N rounds a probe drains to min_window so that T_min is a fresh no-load latency (the
+// min-filter spans a probe period); the two rounds after a probe only refill the pipe.
 // D_q = max(0.25 T_min, target - T_min). W_bdp = ceil(X_max * T_min / S_mean) is the
 // bandwidth-delay product in buckets; recommended() reports W_bdp + 1 clipped to bounds.
 // The byte cap is enforced at admission (one bucket is always admitted when nothing is in
@@ -52,24 +55,29 @@ class WindowController {
   void on_complete(double now_s, double service_s, int64_t bytes);
 
   int current() const { return probing_ ? cfg_.min_window : window_; }
+  /// The window outside probes (what current() returns again once a probe is over).
+  int target() const { return window_; }
+  bool probing() const { return probing_; }
   int recommended() const;
   const WindowEstimates& estimates() const { return est_; }
   const WindowConfig& config() const { return cfg_; }
 
  private:
   void decide(double now_s);
+  double close_round(double now_s, bool probe);
   int cap() const;
 
   WindowConfig cfg_;
   int window_;
   bool probing_ = false;
+  int probe_left_ = 0;
+  int settle_rounds_ = 0;
   int rounds_since_probe_ = 0;
   int64_t round_done_ = 0;
   int64_t round_bytes_ = 0;
   double round_start_s_ = -1;
   double round_min_s_ = -1;
   double s_mean_ = 0, s_max_ = 0;
-  double x_at_increase_ = 0;
   std::deque<double> round_mins_;   // per-round minimum service time
   std::deque<double> round_rates_;  // per-round delivery rate
   WindowEstimates est_;

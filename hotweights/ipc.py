@@ -1,0 +1,223 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Slot rings: staging buffers exported once per publisher session and imported once per
+subscriber process, on CPU (POSIX shared memory) and CUDA (CUDA IPC).
+
+A ring is ``slots`` buffers of ``slot_bytes`` each in ONE allocation with ONE handle (never one
+handle per tensor). The handle is plain bytes (msgpack), versioned and validated on import; a
+truncated, foreign or stale handle is a clear error. See Note [Shared-memory lifetime]
+(csrc/core/shm.h) and Note [CUDA IPC lifetime] (csrc/cuda/cuda_api.h).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import msgpack
+import torch
+
+from . import _C
+from .ops import HAS_CUDA_BUILD, require_cuda_build
+
+__all__ = ["SlotRing", "RingImport", "HandleError", "open_ring", "ring_info"]
+
+HANDLE_VERSION = 1
+_MAGIC = "hotweights.ring"
+
+
+class HandleError(ValueError):
+    """A ring handle is truncated, foreign, stale or not a ring handle."""
+
+
+class _CudaArray:
+    """Exposes raw device memory to torch through __cuda_array_interface__; the tensor made
+    from it keeps this object (and so the owner of the mapping) alive."""
+
+    def __init__(self, ptr: int, nbytes: int, owner: Any):
+        self._owner = owner
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,  # ordering is explicit: wait(slot) makes the stream wait
+        }
+
+
+def _check_slot(i: int, slots: int) -> int:
+    if not isinstance(i, int) or not 0 <= i < slots:
+        raise IndexError(f"slot {i!r} out of range for a ring of {slots} slots")
+    return i
+
+
+class SlotRing:
+    """A publisher's ring: created once, exported once, slots reused for many buckets.
+
+    ``device`` is "cpu" or a CUDA device. CPU rings live in an anonymous memfd (freed by the
+    kernel when the last process unmaps it: nothing can leak in /dev/shm). CUDA rings are one
+    cudaMalloc allocation (legacy-IPC exportable whatever the caching allocator's settings)
+    with one interprocess event per slot.
+    """
+
+    def __init__(self, slot_bytes: int, slots: int, device: str | torch.device = "cpu",
+                 name: str = "ring"):
+        if slot_bytes <= 0 or slot_bytes % 256:
+            raise ValueError(f"SlotRing: slot_bytes={slot_bytes}, expected a positive multiple of 256")
+        if not 1 <= slots <= 1024:
+            raise ValueError(f"SlotRing: slots={slots}, expected 1..1024")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.slot_bytes = int(slot_bytes)
+        self.slots = int(slots)
+        if self.device.type == "cpu":
+            self._impl = _C.ShmRegion.create(self.slot_bytes * self.slots, name)
+            self._buf = torch.frombuffer(self._impl, dtype=torch.uint8)
+            self.id = self._impl.id
+        elif self.device.type == "cuda":
+            require_cuda_build("a CUDA slot ring")
+            self._impl = _C.cuda.CudaRing(self.device.index, self.slot_bytes, self.slots)
+            arr = _CudaArray(self._impl.ptr, self.slot_bytes * self.slots, self._impl)
+            self._buf = torch.as_tensor(arr, device=self.device)
+            self.id = self._impl.id
+        else:
+            raise ValueError(f"SlotRing: device {self.device} is not supported (cpu or cuda)")
+        self._handle = msgpack.packb({
+            "magic": _MAGIC, "v": HANDLE_VERSION, "kind": self.device.type, "id": self.id,
+            "slots": self.slots, "slot_bytes": self.slot_bytes, "raw": self._impl.handle(),
+        })
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The whole ring as one uint8 tensor."""
+        return self._buf
+
+    def slot(self, i: int) -> torch.Tensor:
+        """uint8 view of slot i."""
+        i = _check_slot(i, self.slots)
+        return self._buf[i * self.slot_bytes:(i + 1) * self.slot_bytes]
+
+    def handle(self) -> bytes:
+        """The exportable handle (msgpack bytes); the same bytes for the ring's whole life."""
+        return self._handle
+
+    def record(self, i: int) -> None:
+        """Marks slot i written: on CUDA, records its interprocess event on the current stream
+        (importers' streams wait on it); on CPU the writes are complete when gather returns."""
+        i = _check_slot(i, self.slots)
+        if self.device.type == "cuda":
+            self._impl.record(i, torch.cuda.current_stream(self.device).cuda_stream)
+
+    def invalidate(self) -> None:
+        """CPU: bumps the region's generation so that outstanding handles are refused as stale."""
+        if self.device.type == "cpu":
+            self._impl.bump_generation()
+            self._handle = msgpack.packb({**msgpack.unpackb(self._handle), "raw": self._impl.handle()})
+
+    def __repr__(self) -> str:
+        return f"SlotRing({self.slots}x{self.slot_bytes} B on {self.device}, id={self.id[:8]})"
+
+
+class RingImport:
+    """A subscriber's mapping of a publisher's ring (opened once, closed exactly once)."""
+
+    def __init__(self, handle: bytes, device: str | torch.device | None = None):
+        info = ring_info(handle)
+        self.id = info["id"]
+        self.slots = info["slots"]
+        self.slot_bytes = info["slot_bytes"]
+        self.kind = info["kind"]
+        try:
+            if self.kind == "cpu":
+                self._impl = _C.ShmRegion.import_handle(info["raw"])
+                self.device = torch.device("cpu")
+                self._buf = torch.frombuffer(self._impl, dtype=torch.uint8)
+            else:
+                require_cuda_build("importing a CUDA slot ring")
+                dev = torch.device(device) if device is not None else torch.device(
+                    "cuda", torch.cuda.current_device())
+                if dev.type != "cuda":
+                    raise HandleError(f"a CUDA ring must be imported on a CUDA device, not {dev}")
+                if dev.index is None:
+                    dev = torch.device("cuda", torch.cuda.current_device())
+                self._impl = _C.cuda.CudaRingImport(info["raw"], dev.index)
+                self.device = dev
+                arr = _CudaArray(self._impl.ptr, self.slot_bytes * self.slots, self._impl)
+                self._buf = torch.as_tensor(arr, device=dev)
+        except ValueError as e:  # _C validation errors: corrupted/foreign handles
+            raise HandleError(str(e)) from None
+        if self._impl is not None and self.kind == "cpu" and self._impl.size != self.slots * self.slot_bytes:
+            raise HandleError(f"ring {self.id}: region holds {self._impl.size} bytes, the handle "
+                              f"describes {self.slots}x{self.slot_bytes}")
+
+    def slot(self, i: int) -> torch.Tensor:
+        """uint8 view of slot i (read it only after wait(i) on CUDA)."""
+        i = _check_slot(i, self.slots)
+        return self._buf[i * self.slot_bytes:(i + 1) * self.slot_bytes]
+
+    def wait(self, i: int) -> None:
+        """CUDA: the current stream waits for the exporter's writes into slot i."""
+        i = _check_slot(i, self.slots)
+        if self.kind == "cuda":
+            self._impl.wait(i, torch.cuda.current_stream(self.device).cuda_stream)
+
+    def stale(self) -> bool:
+        """CPU: True when the owner reset the ring after this import."""
+        return self.kind == "cpu" and self._impl.stale()
+
+    def close(self) -> None:
+        """Drops this mapping; the memory is unmapped when the last slot view is gone."""
+        self._buf = None
+        self._impl = None
+        _forget(self)
+
+
+def ring_info(handle: bytes) -> dict[str, Any]:
+    """Decodes and validates a ring handle's envelope (without mapping anything)."""
+    if not isinstance(handle, (bytes, bytearray, memoryview)):
+        raise HandleError(f"ring handle must be bytes, got {type(handle).__name__}")
+    try:
+        info = msgpack.unpackb(bytes(handle), raw=False)
+    except Exception as e:
+        raise HandleError(f"ring handle is not valid msgpack ({type(e).__name__}: {e}); "
+                          "truncated or corrupted?") from None
+    if not isinstance(info, dict) or info.get("magic") != _MAGIC:
+        raise HandleError("not a hotweights ring handle")
+    if info.get("v") != HANDLE_VERSION:
+        raise HandleError(f"ring handle version {info.get('v')!r}, this build reads {HANDLE_VERSION}")
+    kinds = ("cpu", "cuda")
+    if info.get("kind") not in kinds:
+        raise HandleError(f"ring handle kind {info.get('kind')!r}, expected one of {kinds}")
+    for key, typ in (("id", str), ("slots", int), ("slot_bytes", int), ("raw", bytes)):
+        if not isinstance(info.get(key), typ):
+            raise HandleError(f"ring handle field {key!r} is missing or not {typ.__name__}")
+    if info["kind"] == "cuda" and not HAS_CUDA_BUILD:
+        raise HandleError("ring handle is a CUDA ring, but hotweights._C was built without CUDA")
+    return info
+
+
+# One import per ring per process: repeated opens return the same mapping (a CUDA IPC
+# mapping can be opened only once per process anyway).
+_cache: dict[tuple[str, str], RingImport] = {}
+_cache_lock = threading.Lock()
+
+
+def open_ring(handle: bytes, device: str | torch.device | None = None) -> RingImport:
+    """Imports a ring, or returns this process's existing import of it."""
+    info = ring_info(handle)
+    key = (info["id"], str(device))
+    with _cache_lock:
+        imp = _cache.get(key)
+        if imp is not None and imp._impl is not None and not imp.stale():
+            return imp
+        imp = RingImport(handle, device)
+        _cache[key] = imp
+        return imp
+
+
+def _forget(imp: RingImport) -> None:
+    with _cache_lock:
+        for k, v in list(_cache.items()):
+            if v is imp:
+                del _cache[k]

@@ -1,0 +1,121 @@
+# SPDX-License-Identifier: Apache-2.0
+"""hw64 checksum: a NumPy reference, single-bit sensitivity, split invariance, CPU == CUDA."""
+
+import numpy as np
+import pytest
+import torch
+
+from hotweights import ops
+
+from utils import cpu_and_cuda
+
+K0, K1, K2, K3 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93
+SEED = 0x68777765696768
+M = (1 << 64) - 1
+
+
+def ref_partial(data: bytes, base: int = 0) -> int:
+    """Plain NumPy hw64 partial sum (Note [hw64 checksum])."""
+    pad = (-len(data)) % 8
+    w = np.frombuffer(data + b"\0" * pad, dtype="<u8")
+    idx = np.arange(base, base + len(w), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = w ^ (idx * np.uint64(K0))
+        x = x * np.uint64(K1)
+        x ^= x >> np.uint64(32)
+        x = x * np.uint64(K2)
+        x ^= x >> np.uint64(29)
+    return int(x.sum(dtype=np.uint64))
+
+
+def fmix(h: int) -> int:
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & M
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & M
+    return h ^ (h >> 33)
+
+
+def ref_digest(data: bytes) -> int:
+    return fmix(ref_partial(data) ^ ((len(data) * K3) & M) ^ SEED)
+
+
+SIZES = [0, 1, 7, 8, 9, 255, 4096, 4099, (4 << 20) + 3, (9 << 20) + 17]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_matches_numpy_reference(n):
+    g = torch.Generator().manual_seed(n)
+    t = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    want = ref_digest(t.numpy().tobytes())
+    assert ops.checksum(t) == want
+    assert ops.digest_host(t.data_ptr(), n) == want
+    assert int(ops.checksum_batch([t])[0]) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64,
+                                   torch.bool, torch.complex64, torch.float8_e4m3fn])
+def test_any_dtype_hashes_its_bytes(dtype):
+    t = torch.zeros(1001, dtype=dtype)
+    raw = t.view(torch.uint8)
+    assert ops.checksum(t) == ops.checksum(raw) == ref_digest(raw.numpy().tobytes())
+
+
+def test_every_single_bit_flip_changes_the_digest():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 256, (37,), dtype=torch.uint8, generator=g)
+    d0 = ops.checksum(t)
+    seen = {d0}
+    for byte in range(t.numel()):
+        for bit in range(8):
+            u = t.clone()
+            u[byte] ^= 1 << bit
+            d = ops.checksum(u)
+            assert d != d0, (byte, bit)
+            seen.add(d)
+    assert len(seen) == 37 * 8 + 1  # all distinct too
+
+
+def test_swapped_words_and_length_matter():
+    a = torch.arange(16, dtype=torch.int64)
+    b = a.clone()
+    b[[3, 4]] = b[[4, 3]]
+    assert ops.checksum(a) != ops.checksum(b)
+    z1, z2 = torch.zeros(8, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)
+    assert ops.checksum(z1) != ops.checksum(z2)
+
+
+def test_partial_sums_add_up_across_any_word_aligned_split():
+    t = torch.randint(0, 256, (10007,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    whole = ops.checksum(t)
+    for cut in (8, 800, 8000, 10000):
+        p = ops.hw64_partial(t.data_ptr(), cut, 0) + ops.hw64_partial(t.data_ptr() + cut, t.numel() - cut, cut // 8)
+        assert ops.hw64_finalize(p, t.numel()) == whole
+
+
+def test_batch_matches_singles_and_needs_contiguous():
+    ts = [torch.randn(n) for n in (0, 1, 100, 70000)]
+    got = ops.checksum_batch(ts)
+    assert [int(x) for x in got] == [ops.checksum(t) for t in ts]
+    with pytest.raises(ValueError, match="not contiguous"):
+        ops.checksum(torch.randn(4, 4).t())
+
+
+@pytest.mark.cuda
+def test_cpu_and_cuda_agree():
+    g = torch.Generator().manual_seed(2)
+    for n in SIZES:
+        t = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        assert ops.checksum(t.cuda()) == ops.checksum(t), n
+    ts = [torch.randn(n, generator=g) for n in (3, 1000, 1 << 20)]
+    assert list(ops.checksum_batch([t.cuda() for t in ts])) == list(ops.checksum_batch(ts))
+    # unaligned views are hashed by their bytes too
+    u = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=g)
+    assert ops.checksum(u[3:900].cuda()) == ops.checksum(u[3:900].contiguous())
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_opcheck(device):
+    t = torch.randn(33, device=device)
+    torch.library.opcheck(torch.ops.hotweights.checksum.default, (t,))
+    torch.library.opcheck(torch.ops.hotweights.checksum_batch.default, ([t, t[:5].clone()],))

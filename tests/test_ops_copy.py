@@ -1,0 +1,167 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The chunked multi-stream copy engine against plain torch, on CPU and CUDA."""
+
+import pytest
+import torch
+
+from hotweights import config, ops
+
+from utils import cpu_and_cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64,
+          torch.bool, torch.complex64, torch.uint8]
+SIZES = [0, 1, 7, 13, 4097, (1 << 20) + 5]
+
+
+def same(a, b):
+    """Bitwise equality (random bytes viewed as floats include NaNs)."""
+    return a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _rand(n, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (n * torch.empty((), dtype=dtype).element_size(),),
+                        dtype=torch.uint8, generator=g)
+    return raw.view(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_copy_any_dtype_and_size(device, dtype):
+    srcs = [_rand(n, dtype, device, seed=i) for i, n in enumerate(SIZES)]
+    dsts = [torch.empty_like(s) for s in srcs]
+    ops.copy_(dsts, srcs)
+    for s, d in zip(srcs, dsts):
+        assert same(s, d)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_larger_than_chunk_and_many_small(device, monkeypatch):
+    monkeypatch.setenv("HOTWEIGHTS_IPC_COPY_CHUNK_MB", "1")
+    monkeypatch.setenv("HOTWEIGHTS_IPC_COPY_STREAMS", "3")
+    config.reset()
+    big = _rand((5 << 20) + 3, torch.uint8, device)
+    small = [_rand(i % 97, torch.float32, device, seed=i) for i in range(10_000)]
+    dsts = [torch.empty_like(big)] + [torch.empty_like(s) for s in small]
+    ops.copy_(dsts, [big] + small)
+    assert torch.equal(dsts[0], big)
+    assert all(same(a, b) for a, b in zip(dsts[1:], small))
+    st = ops.copy_settings(big.device, big.device)
+    assert (st.chunk_bytes, st.streams, st.source) == (1 << 20, 3, "env")
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_async_handle_keeps_tensors_alive(device):
+    src = _rand(3 << 20, torch.uint8, device)
+    dst = torch.empty_like(src)
+    h = ops.copy_([dst], [src], async_op=True)
+    expected = src.clone()
+    del src  # the handle holds a reference until the copy is done
+    h.wait(timeout=60)
+    assert h.done()
+    assert same(dst, expected)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_gather_scatter_roundtrip_with_digest(device):
+    ts = [_rand(n, torch.float32, device, seed=n) for n in (5, 1000, 3, 70000, 0)]
+    offsets, off = [], 0
+    for t in ts:
+        offsets.append(off)
+        off += (t.numel() * 4 + 255) // 256 * 256
+    buf = torch.zeros(off, dtype=torch.uint8, device=device)
+    dg = ops.gather(buf, ts, offsets, hash=True).digest()
+    for t, o in zip(ts, offsets):  # bytes landed where asked
+        assert same(buf[o:o + t.numel() * 4], t.view(torch.uint8))
+    out = [torch.empty_like(t) for t in ts]
+    ds = ops.scatter(buf, out, offsets, hash=True).digest()
+    assert dg == ds
+    assert all(same(a, b) for a, b in zip(ts, out))
+    # the digest is hw64 over the pieces keyed by their buffer offsets
+    parts = sum(ops.hw64_partial(t.cpu().data_ptr(), t.numel() * 4, o // 8) for t, o in zip(ts, offsets))
+    assert dg == ops.hw64_finalize(parts, sum(t.numel() * 4 for t in ts))
+    # a corrupted byte in the buffer changes the receiver's digest
+    buf[offsets[1] + 17] ^= 0x40
+    assert ops.scatter(buf, out, offsets, hash=True).digest() != dg
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_pieces_of_split_tensors(device):
+    t = _rand(10_000, torch.uint8, device)
+    buf = torch.zeros(8192, dtype=torch.uint8, device=device)
+    ops.gather(buf, [t, t], [0, 4096], lengths=[4000, 4000], tensor_offsets=[0, 4000])
+    assert torch.equal(buf[:4000], t[:4000]) and torch.equal(buf[4096:8096], t[4000:8000])
+    out = torch.zeros_like(t)
+    ops.scatter(buf, [out, out], [0, 4096], lengths=[4000, 4000], tensor_offsets=[0, 4000])
+    assert torch.equal(out[:8000], t[:8000]) and not out[8000:].any()
+
+
+def test_errors_are_clear():
+    a, b = torch.zeros(10), torch.zeros(10)
+    with pytest.raises(ValueError, match="not contiguous"):
+        ops.copy_([torch.zeros(4, 4).t()], [torch.zeros(4, 4)])
+    with pytest.raises(ValueError, match=r"pair 0: destination torch.float32\(10,\) does not match source torch.float16\(10,\)"):
+        ops.copy_([a], [b.half()])
+    with pytest.raises(ValueError, match="overlaps"):
+        ops.copy_([a], [a])
+    base = torch.zeros(100)
+    with pytest.raises(ValueError, match="overlaps"):  # two destinations that overlap
+        ops.copy_([base[0:10], base[5:15]], [a, b])
+    with pytest.raises(ValueError, match="2 destinations but 1 sources"):
+        ops.copy_([a, b], [a])
+    buf = torch.zeros(64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="runs past the buffer of 64 bytes"):
+        ops.gather(buf, [a], [32])
+    with pytest.raises(ValueError, match="must be a contiguous 1-D uint8 tensor"):
+        ops.gather(torch.zeros(16), [a], [0])
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        ops.gather(buf, [torch.zeros(2)], [4], hash=True)
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        ops.copy_([a], [[1.0] * 10])
+
+
+def test_sources_may_overlap_each_other():
+    src = torch.arange(100, dtype=torch.float32)
+    d1, d2 = torch.empty(60), torch.empty(60)
+    ops.copy_([d1, d2], [src[:60], src[40:]])
+    assert torch.equal(d1, src[:60]) and torch.equal(d2, src[40:])
+
+
+def test_autotune_picks_per_link_and_env_wins(monkeypatch):
+    cpu, d0, d1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    cfg = config.load({"HOTWEIGHTS_IPC_COPY_AUTOTUNE": "1"})
+    assert ops.copy_settings(cpu, d0, cfg).source == "autotune:host_to_device"
+    assert ops.copy_settings(d0, d0, cfg).chunk_bytes == 64 << 20
+    assert ops.copy_settings(d0, d1, cfg).source == "autotune:peer"
+    cfg = config.load({"HOTWEIGHTS_IPC_COPY_AUTOTUNE": "1", "HOTWEIGHTS_IPC_COPY_STREAMS": "5"})
+    st = ops.copy_settings(d0, d1, cfg)
+    assert st.streams == 5 and st.chunk_bytes == 16 << 20 and st.source == "env"
+    ops.set_link_classifier(lambda a, b: "peer_nvlink")
+    try:
+        cfg = config.load({"HOTWEIGHTS_IPC_COPY_AUTOTUNE": "1"})
+        assert ops.copy_settings(d0, d1, cfg) == ops.CopySettings(64 << 20, 4, "autotune:peer_nvlink")
+    finally:
+        ops.set_link_classifier(None)
+
+
+@pytest.mark.cuda
+def test_cuda_copy_is_ordered_on_the_current_stream():
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        src = torch.randn(1 << 22, device="cuda")
+        src.mul_(3)  # queued work the copy must see
+        dst = torch.empty_like(src)
+        ops.copy_([dst], [src], async_op=True)
+        dst.add_(1)  # queued after the copy on the same stream
+    s.synchronize()
+    torch.testing.assert_close(dst, src + 1)
+
+
+@pytest.mark.cuda
+def test_cuda_host_device_copies():
+    h = torch.randn(1 << 20).pin_memory()
+    d = torch.empty(1 << 20, device="cuda")
+    ops.copy_([d], [h])
+    back = torch.empty(1 << 20).pin_memory()
+    ops.copy_([back], [d])
+    assert torch.equal(back, h)

@@ -1,0 +1,170 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The adaptive window controller on deterministic synthetic links (no wall clock)."""
+
+import pytest
+
+from hotweights import _C
+
+MB = 1 << 20
+
+
+class Link:
+    """A link with a fixed per-bucket latency (pipelined) and one serial transfer stage.
+
+    A bucket dispatched at t reaches the transfer stage at t + latency, waits its turn,
+    transfers in size/bandwidth and completes then. Unloaded service time is
+    latency + size/bandwidth; the pipe holds 1 + latency*bandwidth/size buckets.
+    """
+
+    def __init__(self, latency_s, bandwidth_Bps):
+        self.latency = latency_s
+        self.bw = bandwidth_Bps
+        self.free_at = 0.0
+
+    def finish_time(self, t, size):
+        start = max(t + self.latency, self.free_at)
+        self.free_at = start + size / self.bw
+        return self.free_at
+
+
+def run(ctl, link, n_buckets, size=MB, t0=0.0, trace=None, schedule=None):
+    """Streams n_buckets through ctl and link; returns (end time, max inflight bytes seen)."""
+    t, sent, inflight, max_bytes = t0, 0, [], 0
+    while sent < n_buckets or inflight:
+        while sent < n_buckets and ctl.can_admit(len(inflight), len(inflight) * size, size):
+            if schedule:
+                schedule(link, sent)
+            inflight.append((t, link.finish_time(t, size)))
+            sent += 1
+            max_bytes = max(max_bytes, len(inflight) * size)
+        inflight.sort(key=lambda x: x[1])
+        start, done = inflight.pop(0)
+        t = done
+        ctl.on_complete(t, done - start, size)
+        if trace is not None:
+            trace.append(ctl.current)
+    return t, max_bytes
+
+
+def make(**kw):
+    base = dict(base=4, min_window=1, max_window=16, target_s=1.0)
+    base.update(kw)
+    return _C.WindowController(**base)
+
+
+def test_grows_while_underused_to_the_knee_and_holds():
+    # pipe of 1 + 10ms * 1GB/s / 1MB ~= 11.5 buckets
+    ctl, link, trace = make(), Link(0.010, 1e9), []
+    run(ctl, link, 3000, trace=trace)
+    knee = 1 + 0.010 * 1e9 / MB
+    assert trace[0] == 4
+    assert knee - 1 <= ctl.target <= knee + 1.5
+    e = ctl.estimates()
+    # probes keep T_min at the no-load latency
+    assert e["ups"] >= 6 and e["t_min_s"] == pytest.approx(0.010 + MB / 1e9, rel=1e-6)
+    assert e["bandwidth_Bps"] == pytest.approx(1e9, rel=0.05)
+    assert abs(ctl.recommended - ctl.target) <= 1
+
+
+def steady(trace):
+    """The window outside probe rounds (probes run at min_window=1)."""
+    return [w for w in trace if w != 1]
+
+
+def test_no_oscillation_on_a_steady_link():
+    ctl, link, trace = make(), Link(0.010, 1e9), []
+    run(ctl, link, 6000, trace=trace)
+    tail = steady(trace[len(trace) // 2:])
+    assert max(tail) - min(tail) <= 1
+    changes = sum(1 for a, b in zip(tail, tail[1:]) if a != b)
+    assert changes <= 2
+
+
+def test_shrinks_under_queueing():
+    # pipe of ~2 buckets but we start at 16: buckets queue, the window must come down
+    ctl, link, trace = make(base=16), Link(0.001, 1e9), []
+    run(ctl, link, 2000, trace=trace)
+    assert trace[0] == 16
+    assert ctl.target <= 4
+    assert ctl.estimates()["downs"] >= 1
+    assert ctl.estimates()["congestion"] < 0.5
+
+
+def test_never_leaves_bounds():
+    for lat, bw, base in ((0.0001, 1e10, 8), (0.05, 1e9, 1), (0.001, 1e8, 5)):
+        ctl, trace = make(base=base, min_window=2, max_window=6), []
+        run(ctl, Link(lat, bw), 1500, trace=trace)
+        assert min(trace) >= 2 and max(trace) <= 6
+        assert 2 <= ctl.recommended <= 6
+
+
+def test_respects_the_byte_cap():
+    ctl = make(byte_cap=int(3.5 * MB))
+    _, max_bytes = run(ctl, Link(0.010, 1e9), 1000)
+    assert max_bytes <= 3.5 * MB
+    assert ctl.recommended <= 3
+    # a bucket larger than the cap still progresses (alone)
+    big = make(byte_cap=MB)
+    assert big.can_admit(0, 0, 4 * MB) and not big.can_admit(1, 4 * MB, 4 * MB)
+
+
+def test_recovers_after_a_transient():
+    ctl, link = make(target_s=0.030), Link(0.010, 1e9)
+    t, _ = run(ctl, link, 2000)
+    steady = ctl.target
+    link.bw = 1e8  # congestion: another flow takes 90% of the link, the pipe shrinks to ~2
+    episode = []
+    t, _ = run(ctl, link, 300, t0=t, trace=episode)
+    assert min(episode) <= steady // 2
+    assert ctl.estimates()["downs"] >= 2
+    link.bw = 1e9
+    run(ctl, link, 3000, t0=t)
+    assert abs(ctl.target - steady) <= 1
+
+def test_longer_latency_means_a_longer_pipe():
+    # same bandwidth, 6x the latency: the bandwidth-delay product grows, so must the window
+    ctl, link = make(max_window=64), Link(0.010, 1e9)
+    t, _ = run(ctl, link, 2000)
+    short = ctl.target
+    link.latency = 0.060
+    run(ctl, link, 6000, t0=t)
+    assert ctl.target > 3 * short
+
+
+def test_adapt_off_stays_at_base():
+    ctl, trace = make(base=5, adapt=False), []
+    run(ctl, Link(0.010, 1e9), 1000, trace=trace)
+    assert set(trace) == {5}
+    e = ctl.estimates()
+    assert e["ups"] == e["downs"] == 0 and e["rounds"] > 0
+    assert ctl.recommended > 5  # the model still says what it would do
+
+
+def test_probe_drains_to_min_and_comes_back():
+    ctl, trace = make(probe_every_rounds=10), []
+    run(ctl, Link(0.010, 1e9), 3000, trace=trace)
+    assert ctl.estimates()["probes"] >= 2
+    assert 1 in trace[100:]  # probe rounds run at min_window
+    assert ctl.target > 4  # and the window comes back
+
+
+def test_without_probes_queueing_hides_in_t_min():
+    # Why probes exist: past the knee every bucket queues, so a min-filter fed only by loaded
+    # rounds drifts up, under-reports the queue, and the window creeps and saws.
+    probed, unprobed = make(), make(probe_every_rounds=0)
+    run(probed, Link(0.010, 1e9), 4000)
+    run(unprobed, Link(0.010, 1e9), 4000)
+    assert unprobed.estimates()["t_min_s"] > probed.estimates()["t_min_s"]
+    assert unprobed.estimates()["downs"] > 10 * (probed.estimates()["downs"] + 1)
+
+
+def test_bad_config_and_samples():
+    with pytest.raises(ValueError, match="max_window=2, expected >= min_window=3"):
+        _C.WindowController(min_window=3, max_window=2)
+    with pytest.raises(ValueError, match="target_s=0, expected > 0"):
+        _C.WindowController(target_s=0)
+    ctl = make()
+    with pytest.raises(ValueError, match="service_s=-1, expected a positive duration"):
+        ctl.on_complete(1.0, -1.0, MB)
+    with pytest.raises(ValueError, match="bytes=0"):
+        ctl.on_complete(1.0, 0.1, 0)
