@@ -231,25 +231,57 @@ def _contig(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
-def _submit(dsts: list[torch.Tensor], srcs: list[torch.Tensor], sizes: list[int],
-            dst_ptrs: list[int], src_ptrs: list[int], hash_base: list[int] | None,
-            keepalive, op: str, hashed_nbytes: int | None) -> CopyHandle:
-    devs = {t.device for t in (*dsts, *srcs)}
-    cuda_devs = sorted({d.index for d in devs if d.type == "cuda"})
-    arr = lambda v: np.asarray(v, dtype=np.uint64)  # noqa: E731
+# Columns of torch.ops.hotweights.tensor_table; device codes are type * 65536 + index + 1.
+_PTR, _NBYTES, _DTYPE, _DEVICE, _CONTIG, _SHAPE = range(6)
+_CPU_CODE = 0  # c10::DeviceType::CPU (index -1 -> +0)
+
+
+def _table(tensors: Sequence[torch.Tensor], op: str) -> np.ndarray:
+    """Per-tensor metadata in one C++ pass; raises for non-tensors and non-contiguous ones."""
+    try:
+        tab = torch.ops.hotweights.tensor_table(tensors).numpy()
+    except (TypeError, RuntimeError):
+        for t in tensors:
+            _contig(t, op)  # names the offending element
+        raise
+    bad = np.flatnonzero(tab[:, _CONTIG] == 0)
+    if bad.size:
+        _contig(tensors[int(bad[0])], op)
+    return tab
+
+
+def _device_of(code: int) -> torch.device:
+    typ, idx = divmod(int(code), 65536)
+    if typ == 0:
+        return torch.device("cpu")
+    if typ == 1:
+        return torch.device("cuda", idx - 1)
+    raise ValueError(f"unsupported device type code {typ} (hotweights copies cpu and cuda tensors)")
+
+
+def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
+            dst_ptrs: np.ndarray, src_ptrs: np.ndarray, hash_base: np.ndarray | None,
+            keepalive, op: str) -> CopyHandle:
+    dst_devs = {_device_of(c) for c in np.unique(dst_codes)}
+    src_devs = {_device_of(c) for c in np.unique(src_codes)}
+    devs = dst_devs | src_devs
+    u64 = lambda a: np.ascontiguousarray(a, dtype=np.uint64)  # noqa: E731
     hidx = hbase = None
     nh = 0
     if hash_base is not None:
         hidx = np.zeros(len(sizes), dtype=np.int64)
-        hbase = arr(hash_base)
+        hbase = u64(hash_base)
         nh = 1
-    if not cuda_devs:
+    if all(d.type == "cpu" for d in devs):
         st = copy_settings(torch.device("cpu"), torch.device("cpu"))
         eng = _engine("cpu", -1, st.chunk_bytes, st.streams)
-        c = eng.submit(arr(dst_ptrs), arr(src_ptrs), arr(sizes), hidx, hbase, nh)
+        c = eng.submit(u64(dst_ptrs), u64(src_ptrs), u64(sizes), hidx, hbase, nh)
     else:
-        src_dev = next(iter({t.device for t in srcs}), torch.device("cpu"))
-        dst_dev = next(iter({t.device for t in dsts}), torch.device("cpu"))
+        if len(dst_devs) > 1 or len(src_devs) > 1:
+            raise ValueError(f"{op}: one batch copies between one source device and one destination "
+                             f"device, got sources on {sorted(map(str, src_devs))} and destinations on "
+                             f"{sorted(map(str, dst_devs))}")
+        (src_dev,), (dst_dev,) = src_devs, dst_devs
         device = dst_dev.index if dst_dev.type == "cuda" else src_dev.index
         kernel_ok = all(d.type == "cuda" for d in devs)
         if nh and not kernel_ok:
@@ -257,61 +289,71 @@ def _submit(dsts: list[torch.Tensor], srcs: list[torch.Tensor], sizes: list[int]
         st = copy_settings(src_dev, dst_dev)
         eng = _engine("cuda", device, st.chunk_bytes, st.streams)
         stream = torch.cuda.current_stream(device).cuda_stream
-        c = eng.submit(arr(dst_ptrs), arr(src_ptrs), arr(sizes), hidx, hbase, nh, stream,
+        c = eng.submit(u64(dst_ptrs), u64(src_ptrs), u64(sizes), hidx, hbase, nh, stream,
                        kernel_ok)
-    return CopyHandle(c, keepalive, [hashed_nbytes] if nh else None)
+    return CopyHandle(c, keepalive, [int(np.sum(sizes, dtype=np.int64))] if nh else None)
 
 
 def copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *,
           async_op: bool = False, timeout: float | None = None) -> CopyHandle:
     """Copies each src into its dst (same dtype and shape, contiguous, no overlaps), chunked
     over the engine's streams/threads. Returns a completed handle, or a pending one with
-    ``async_op=True`` (keep the tensors unmodified until it is done)."""
+    ``async_op=True`` (keep the tensors unmodified until it is done).
+
+    Per-tensor work happens in C++ (one tensor_table call per side), so a batch of 10,000
+    small tensors costs about a microsecond of Python per tensor.
+    """
     dsts, srcs = list(dsts), list(srcs)
     if len(dsts) != len(srcs):
         raise ValueError(f"copy_: {len(dsts)} destinations but {len(srcs)} sources")
-    for i, (d, s) in enumerate(zip(dsts, srcs)):
-        _contig(d, "copy_"), _contig(s, "copy_")
-        if d.dtype != s.dtype or d.shape != s.shape:
-            raise ValueError(
-                f"copy_: pair {i}: destination {d.dtype}{tuple(d.shape)} does not match source "
-                f"{s.dtype}{tuple(s.shape)}"
-            )
-    sizes = [_nbytes(s) for s in srcs]
-    h = _submit(dsts, srcs, sizes, [d.data_ptr() for d in dsts], [s.data_ptr() for s in srcs],
-                None, (dsts, srcs), "copy_", None)
+    td, ts = _table(dsts, "copy_"), _table(srcs, "copy_")
+    bad = np.flatnonzero((td[:, _DTYPE] != ts[:, _DTYPE]) | (td[:, _SHAPE] != ts[:, _SHAPE]))
+    if bad.size:
+        i = int(bad[0])
+        d, s = dsts[i], srcs[i]
+        raise ValueError(f"copy_: pair {i}: destination {d.dtype}{tuple(d.shape)} does not match "
+                         f"source {s.dtype}{tuple(s.shape)}")
+    h = _submit(td[:, _DEVICE], ts[:, _DEVICE], ts[:, _NBYTES], td[:, _PTR], ts[:, _PTR], None,
+                (dsts, srcs), "copy_")
     return h if async_op else h.wait(timeout)
 
 
 def _check_buffer(buf: torch.Tensor, op: str) -> None:
-    if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
-        raise ValueError(
-            f"{op}: buffer must be a contiguous 1-D uint8 tensor, got {buf.dtype}{tuple(buf.shape)}"
-        )
+    if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1 \
+            or not buf.is_contiguous():
+        raise ValueError(f"{op}: buffer must be a contiguous 1-D uint8 tensor, got "
+                         f"{getattr(buf, 'dtype', type(buf).__name__)}{tuple(getattr(buf, 'shape', ()))}")
 
 
-def _layout(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequence[int],
-            lengths: Sequence[int] | None, tensor_offsets: Sequence[int] | None, op: str):
-    if len(offsets) != len(tensors):
-        raise ValueError(f"{op}: {len(tensors)} tensors but {len(offsets)} offsets")
-    sizes, tptrs, bptrs = [], [], []
-    base = buf.data_ptr()
+def _layout(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets, lengths,
+            tensor_offsets, op: str):
+    """Validated (table, sizes, tensor pointers, buffer pointers) of a gather/scatter."""
+    tab = _table(list(tensors), op)
+    n = len(tab)
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1)
+    if len(offs) != n:
+        raise ValueError(f"{op}: {n} tensors but {len(offs)} offsets")
+    toff = np.zeros(n, np.int64) if tensor_offsets is None else np.asarray(tensor_offsets, np.int64)
+    tn = tab[:, _NBYTES]
+    ln = tn - toff if lengths is None else np.asarray(lengths, np.int64)
+    bad = np.flatnonzero((toff < 0) | (ln < 0) | (toff + ln > tn))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{op}: piece {i} [{toff[i]}, {toff[i] + ln[i]}) is outside its tensor "
+                         f"of {tn[i]} bytes")
     cap = buf.numel()
-    for i, t in enumerate(tensors):
-        _contig(t, op)
-        tn = _nbytes(t)
-        toff = 0 if tensor_offsets is None else int(tensor_offsets[i])
-        n = tn - toff if lengths is None else int(lengths[i])
-        off = int(offsets[i])
-        if toff < 0 or n < 0 or toff + n > tn:
-            raise ValueError(f"{op}: piece {i} [{toff}, {toff + n}) is outside its tensor of {tn} bytes")
-        if off < 0 or off + n > cap:
-            raise ValueError(f"{op}: piece {i} at offset {off} with {n} bytes runs past the "
-                             f"buffer of {cap} bytes")
-        sizes.append(n)
-        tptrs.append(t.data_ptr() + toff)
-        bptrs.append(base + off)
-    return sizes, tptrs, bptrs
+    bad = np.flatnonzero((offs < 0) | (offs + ln > cap))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{op}: piece {i} at offset {offs[i]} with {ln[i]} bytes runs past the "
+                         f"buffer of {cap} bytes")
+    return tab, ln, tab[:, _PTR] + toff, buf.data_ptr() + offs, offs
+
+
+def _buffer_code(buf: torch.Tensor, n: int) -> np.ndarray:
+    d = buf.device
+    code = 0 if d.type == "cpu" else 65536 + d.index + 1
+    return np.full(n, code, dtype=np.int64)
 
 
 def gather(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequence[int], *,
@@ -324,10 +366,9 @@ def gather(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequence
     reproduces it while scattering.
     """
     _check_buffer(buf, "gather")
-    sizes, tptrs, bptrs = _layout(buf, tensors, offsets, lengths, tensor_offsets, "gather")
-    hb = _hash_base(offsets, "gather") if hash else None
-    h = _submit([buf], list(tensors), sizes, bptrs, tptrs, hb, (buf, tensors), "gather",
-                sum(sizes))
+    tab, ln, tptrs, bptrs, offs = _layout(buf, tensors, offsets, lengths, tensor_offsets, "gather")
+    h = _submit(_buffer_code(buf, len(tab)), tab[:, _DEVICE], ln, bptrs, tptrs,
+                _hash_base(offs, "gather") if hash else None, (buf, tensors), "gather")
     return h if async_op else h.wait(timeout)
 
 
@@ -339,17 +380,15 @@ def scatter(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequenc
     With ``hash=True`` the digest covers the buffer bytes read, keyed like gather's.
     """
     _check_buffer(buf, "scatter")
-    sizes, tptrs, bptrs = _layout(buf, tensors, offsets, lengths, tensor_offsets, "scatter")
-    hb = _hash_base(offsets, "scatter") if hash else None
-    h = _submit(list(tensors), [buf], sizes, tptrs, bptrs, hb, (buf, tensors), "scatter",
-                sum(sizes))
+    tab, ln, tptrs, bptrs, offs = _layout(buf, tensors, offsets, lengths, tensor_offsets, "scatter")
+    h = _submit(tab[:, _DEVICE], _buffer_code(buf, len(tab)), ln, tptrs, bptrs,
+                _hash_base(offs, "scatter") if hash else None, (buf, tensors), "scatter")
     return h if async_op else h.wait(timeout)
 
 
-def _hash_base(offsets: Sequence[int], op: str) -> list[int]:
-    out = []
-    for i, off in enumerate(offsets):
-        if int(off) % 8:
-            raise ValueError(f"{op}: offset {off} of piece {i} is not a multiple of 8 (needed to hash)")
-        out.append(int(off) // 8)
-    return out
+def _hash_base(offsets: np.ndarray, op: str) -> np.ndarray:
+    bad = np.flatnonzero(offsets % 8)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{op}: offset {offsets[i]} of piece {i} is not a multiple of 8 (needed to hash)")
+    return offsets // 8
