@@ -28,6 +28,8 @@ __all__ = [
     "copy_",
     "gather",
     "scatter",
+    "bucket_digest",
+    "tensor_digest",
     "digest_host",
     "hw64_partial",
     "hw64_finalize",
@@ -185,10 +187,10 @@ class CopyHandle:
     the host; the caller's stream is already ordered after the batch (Note [Stream ordering]).
     """
 
-    def __init__(self, completion, keepalive, hashed_nbytes: list[int] | None):
+    def __init__(self, completion, keepalive, hashed_nbytes: np.ndarray | None):
         self._c = completion
         self._keep = keepalive
-        self._hashed = hashed_nbytes
+        self._hashed = hashed_nbytes  # bytes of each hashed piece
         self._lock = threading.Lock()
 
     def done(self) -> bool:
@@ -204,17 +206,18 @@ class CopyHandle:
             self._keep = None
         return self
 
-    def digests(self) -> list[int]:
-        """hw64 digests of each hash group (after wait); see gather/scatter."""
+    def partials(self) -> np.ndarray:
+        """hw64 partial sum of every piece (after wait), keyed by the piece's offset inside
+        its tensor: a whole-tensor piece's partial is its tensor's checksum before
+        finalisation, and the partials of a split tensor's pieces add up to it."""
         self.wait()
-        if not self._hashed:
+        if self._hashed is None:
             raise RuntimeError("this copy batch was not asked to hash (pass hash=True)")
-        return [hw64_finalize(s, n) for s, n in zip(self._c.hashes(), self._hashed)]
+        return np.asarray(self._c.hashes(), dtype=np.uint64)
 
     def digest(self) -> int:
-        """The digest of a single-group batch (a gathered or scattered bucket)."""
-        (d,) = self.digests()
-        return d
+        """The bucket digest: hw64 of all pieces together (see :func:`bucket_digest`)."""
+        return bucket_digest(self.partials(), self._hashed)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -259,6 +262,17 @@ def _device_of(code: int) -> torch.device:
     raise ValueError(f"unsupported device type code {typ} (hotweights copies cpu and cuda tensors)")
 
 
+def bucket_digest(partials: np.ndarray, lengths: np.ndarray) -> int:
+    """Digest of a bucket from its pieces' partial sums and lengths (order-independent)."""
+    total = int(np.sum(np.asarray(partials, dtype=np.uint64), dtype=np.uint64))
+    return hw64_finalize(total, int(np.sum(lengths, dtype=np.int64)))
+
+
+def tensor_digest(partials: np.ndarray, nbytes: int) -> int:
+    """Checksum of a tensor from the partials of all its pieces (equals checksum(tensor))."""
+    return hw64_finalize(int(np.sum(np.asarray(partials, dtype=np.uint64), dtype=np.uint64)), nbytes)
+
+
 def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
             dst_ptrs: np.ndarray, src_ptrs: np.ndarray, hash_base: np.ndarray | None,
             keepalive, op: str) -> CopyHandle:
@@ -268,10 +282,10 @@ def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
     u64 = lambda a: np.ascontiguousarray(a, dtype=np.uint64)  # noqa: E731
     hidx = hbase = None
     nh = 0
-    if hash_base is not None:
-        hidx = np.zeros(len(sizes), dtype=np.int64)
+    if hash_base is not None:  # one accumulator per piece
+        hidx = np.arange(len(sizes), dtype=np.int64)
         hbase = u64(hash_base)
-        nh = 1
+        nh = len(sizes)
     if all(d.type == "cpu" for d in devs):
         st = copy_settings(torch.device("cpu"), torch.device("cpu"))
         eng = _engine("cpu", -1, st.chunk_bytes, st.streams)
@@ -291,7 +305,7 @@ def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
         stream = torch.cuda.current_stream(device).cuda_stream
         c = eng.submit(u64(dst_ptrs), u64(src_ptrs), u64(sizes), hidx, hbase, nh, stream,
                        kernel_ok)
-    return CopyHandle(c, keepalive, [int(np.sum(sizes, dtype=np.int64))] if nh else None)
+    return CopyHandle(c, keepalive, np.asarray(sizes, np.int64) if hash_base is not None else None)
 
 
 def copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *,
@@ -347,7 +361,7 @@ def _layout(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets, lengths
         i = int(bad[0])
         raise ValueError(f"{op}: piece {i} at offset {offs[i]} with {ln[i]} bytes runs past the "
                          f"buffer of {cap} bytes")
-    return tab, ln, tab[:, _PTR] + toff, buf.data_ptr() + offs, offs
+    return tab, ln, tab[:, _PTR] + toff, buf.data_ptr() + offs, toff
 
 
 def _buffer_code(buf: torch.Tensor, n: int) -> np.ndarray:
@@ -361,14 +375,15 @@ def gather(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequence
            hash: bool = False, async_op: bool = False, timeout: float | None = None) -> CopyHandle:
     """Packs tensors (or byte pieces of them) into a uint8 buffer at the given offsets.
 
-    With ``hash=True`` the handle's ``digest()`` is the bucket digest: hw64 over the pieces,
-    each keyed by its offset in the buffer (offsets must be multiples of 8), so the receiver
-    reproduces it while scattering.
+    With ``hash=True`` the copy also hashes every piece (one pass over memory):
+    ``partials()`` gives each piece's hw64 partial sum keyed by its offset inside its tensor
+    (tensor_offsets must be multiples of 8) and ``digest()`` the bucket digest, which the
+    receiver reproduces while scattering.
     """
     _check_buffer(buf, "gather")
-    tab, ln, tptrs, bptrs, offs = _layout(buf, tensors, offsets, lengths, tensor_offsets, "gather")
+    tab, ln, tptrs, bptrs, toff = _layout(buf, tensors, offsets, lengths, tensor_offsets, "gather")
     h = _submit(_buffer_code(buf, len(tab)), tab[:, _DEVICE], ln, bptrs, tptrs,
-                _hash_base(offs, "gather") if hash else None, (buf, tensors), "gather")
+                _hash_base(toff, "gather") if hash else None, (buf, tensors), "gather")
     return h if async_op else h.wait(timeout)
 
 
@@ -377,12 +392,12 @@ def scatter(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequenc
             hash: bool = False, async_op: bool = False, timeout: float | None = None) -> CopyHandle:
     """Unpacks byte pieces of a uint8 buffer into tensors; the inverse of :func:`gather`.
 
-    With ``hash=True`` the digest covers the buffer bytes read, keyed like gather's.
+    With ``hash=True`` the pieces are hashed as they are read, keyed like gather's.
     """
     _check_buffer(buf, "scatter")
-    tab, ln, tptrs, bptrs, offs = _layout(buf, tensors, offsets, lengths, tensor_offsets, "scatter")
+    tab, ln, tptrs, bptrs, toff = _layout(buf, tensors, offsets, lengths, tensor_offsets, "scatter")
     h = _submit(tab[:, _DEVICE], _buffer_code(buf, len(tab)), ln, tptrs, bptrs,
-                _hash_base(offs, "scatter") if hash else None, (buf, tensors), "scatter")
+                _hash_base(toff, "scatter") if hash else None, (buf, tensors), "scatter")
     return h if async_op else h.wait(timeout)
 
 
@@ -390,5 +405,6 @@ def _hash_base(offsets: np.ndarray, op: str) -> np.ndarray:
     bad = np.flatnonzero(offsets % 8)
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{op}: offset {offsets[i]} of piece {i} is not a multiple of 8 (needed to hash)")
+        raise ValueError(f"{op}: tensor offset {offsets[i]} of piece {i} is not a multiple of 8 "
+                         "(needed to hash)")
     return offsets // 8

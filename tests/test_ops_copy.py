@@ -77,9 +77,11 @@ def test_gather_scatter_roundtrip_with_digest(device):
     ds = ops.scatter(buf, out, offsets, hash=True).digest()
     assert dg == ds
     assert all(same(a, b) for a, b in zip(ts, out))
-    # the digest is hw64 over the pieces keyed by their buffer offsets
-    parts = sum(ops.hw64_partial(t.cpu().data_ptr(), t.numel() * 4, o // 8) for t, o in zip(ts, offsets))
-    assert dg == ops.hw64_finalize(parts, sum(t.numel() * 4 for t in ts))
+    # whole-tensor pieces: each partial is its tensor's checksum before finalisation
+    h = ops.scatter(buf, out, offsets, hash=True)
+    for p, t in zip(h.partials(), ts):
+        assert ops.tensor_digest([p], t.numel() * 4) == ops.checksum(t)
+    assert dg == ops.bucket_digest(h.partials(), [t.numel() * 4 for t in ts])
     # a corrupted byte in the buffer changes the receiver's digest
     buf[offsets[1] + 17] ^= 0x40
     assert ops.scatter(buf, out, offsets, hash=True).digest() != dg
@@ -94,6 +96,11 @@ def test_pieces_of_split_tensors(device):
     out = torch.zeros_like(t)
     ops.scatter(buf, [out, out], [0, 4096], lengths=[4000, 4000], tensor_offsets=[0, 4000])
     assert torch.equal(out[:8000], t[:8000]) and not out[8000:].any()
+    # the partials of a split tensor's pieces add up to the tensor's checksum
+    buf2 = torch.zeros(12288, dtype=torch.uint8, device=device)
+    h = ops.gather(buf2, [t, t, t], [0, 4096, 8192], lengths=[4000, 4000, 2000],
+                   tensor_offsets=[0, 4000, 8000], hash=True)
+    assert ops.tensor_digest(h.partials(), 10_000) == ops.checksum(t)
 
 
 def test_errors_are_clear():
@@ -114,8 +121,8 @@ def test_errors_are_clear():
         ops.gather(buf, [a], [32])
     with pytest.raises(ValueError, match="must be a contiguous 1-D uint8 tensor"):
         ops.gather(torch.zeros(16), [a], [0])
-    with pytest.raises(ValueError, match="not a multiple of 8"):
-        ops.gather(buf, [torch.zeros(2)], [4], hash=True)
+    with pytest.raises(ValueError, match="tensor offset 4 of piece 0 is not a multiple of 8"):
+        ops.gather(buf, [torch.zeros(4)], [0], lengths=[4], tensor_offsets=[4], hash=True)
     with pytest.raises(TypeError, match="expected a torch.Tensor"):
         ops.copy_([a], [[1.0] * 10])
 
