@@ -20,3 +20,14 @@ if _built_torch != torch.__version__:
     )
 
 __version__ = _C.build_info()["version"]
+
+from .manifest import Manifest  # noqa: E402
+from .module import CommitInfo, HotweightsHandle, install as _install, register  # noqa: E402
+from .plan import Plan, make_plan, verify_plan  # noqa: E402
+from .replicate import Publisher, PublishError, PublishResult, UpdateError  # noqa: E402
+
+_install()  # torch.nn.Module.register_hotweights
+
+__all__ = ["Publisher", "PublishResult", "PublishError", "UpdateError", "register",
+           "HotweightsHandle", "CommitInfo", "Manifest", "Plan", "make_plan", "verify_plan",
+           "__version__"]

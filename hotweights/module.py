@@ -1,0 +1,321 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``model.register_hotweights()``: a subscriber bound to a module, with an atomic commit at a
+safe point.
+
+Note [Atomic apply]
+Forward passes hold a shared lock from the forward pre-hook to the forward hook (registered with
+``always_call=True`` so an exception releases it). Applying a version takes the lock exclusively:
+it waits for running forwards to finish, blocks new ones while it swaps, and swaps every changed
+tensor or none (all checks happen before the first swap). A forward therefore sees the old
+version or the new one, never a mix. With ``commit="on_forward"`` the pre-hook applies a staged
+version before the forward that follows the commit; with ``commit="manual"`` the caller applies
+it with ``handle.commit()`` (any thread: the lock makes it safe) or ``handle.wait(version)``.
+
+``swap="storage"`` points each parameter at its shadow (``param.data = shadow``; O(1) per tensor,
+the pause does not grow with size, 2x memory for changed tensors); the replaced storage becomes
+the next version's shadow. ``swap="inplace"`` copies the shadows into the live tensors with the
+chunked engine (the parameters keep their storage, which CUDA graphs and engines that cached
+pointers need). On CUDA the compute stream first waits for the receive stream's event, and the
+next version's writes into recycled buffers wait for an event recorded after the apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from . import ops
+from . import config as _config
+from .replicate import StagedVersion, Subscriber, UpdateError
+
+__all__ = ["HotweightsHandle", "CommitInfo", "register"]
+
+log = logging.getLogger("hotweights")
+
+
+@dataclasses.dataclass
+class CommitInfo:
+    """Passed to on_commit callbacks: what was applied and how long it took."""
+
+    version: int
+    label: str | None
+    changed: list[str]
+    reshaped: list
+    bytes: int
+    timings: dict[str, float]  # receive_s, verify_wait_s, pause_s, ...
+    optimizer: dict | None = None
+    kv_plan: object | None = None
+
+
+class _ForwardLock:
+    """Many forwards, or one apply (writer preferred so an apply is not starved)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+        self._local = threading.local()
+
+    def depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    def acquire_read(self) -> None:
+        d = self.depth()
+        if d == 0:
+            with self._cv:
+                while self._writer or self._waiting_writers:
+                    self._cv.wait()
+                self._readers += 1
+        self._local.depth = d + 1
+
+    def release_read(self) -> None:
+        d = self.depth()
+        if d <= 0:
+            return
+        self._local.depth = d - 1
+        if d == 1:
+            with self._cv:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cv.notify_all()
+
+    def acquire_write(self, timeout: float | None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            self._waiting_writers += 1
+            try:
+                while self._writer or self._readers:
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(left)
+                self._writer = True
+                return True
+            finally:
+                self._waiting_writers -= 1
+
+    def release_write(self) -> None:
+        with self._cv:
+            self._writer = False
+            self._cv.notify_all()
+
+
+class HotweightsHandle:
+    """What ``register_hotweights`` returns (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "model", endpoint: str | None = None,
+                 *, commit: str = "on_forward", consumer=None, swap: str = "inplace",
+                 optimizer: torch.optim.Optimizer | None = None, opt_policy: str | None = None,
+                 opt_attenuation: float | None = None, accept_reshape: bool = False,
+                 token: str | None = None, node: str | None = None, keep_staging: bool = True,
+                 config=None):
+        if commit not in ("on_forward", "manual"):
+            raise ValueError(f"register_hotweights: commit={commit!r}, expected 'on_forward' or 'manual'")
+        if swap not in ("inplace", "storage"):
+            raise ValueError(f"register_hotweights: swap={swap!r}, expected 'inplace' or 'storage'")
+        if accept_reshape and swap == "inplace":
+            raise ValueError("register_hotweights: accept_reshape needs swap='storage' (an in-place "
+                             "copy cannot change a tensor's shape)")
+        self.cfg = config or _config.load(opt_policy=opt_policy, opt_attenuation=opt_attenuation)
+        self.model = model
+        self.name = name
+        self.commit_mode = commit
+        self.swap = swap
+        self.optimizer = optimizer
+        self.opt_policy = self.cfg.opt_policy
+        self.opt_attenuation = self.cfg.opt_attenuation
+        # The objects the publisher's names refer to: parameters and buffers, by state-dict name.
+        self._targets = dict(model.state_dict(keep_vars=True))
+        self._lock = _ForwardLock()
+        self._cv = threading.Condition()
+        self._staged: StagedVersion | None = None
+        self._callbacks: list[Callable[[CommitInfo], None]] = []
+        self.version: int | None = None
+        self.last_error: str | None = None
+        self.last_commit: CommitInfo | None = None
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_forward),
+            model.register_forward_hook(self._post_forward, always_call=True),
+        ]
+        self._sub = Subscriber(self._targets, name, endpoint, consumer=consumer,
+                               accept_reshape=accept_reshape, token=token, node=node,
+                               keep_staging=keep_staging, on_staged=self._on_staged,
+                               on_error=self._on_error, config=self.cfg)
+        self.client_id = self._sub.client_id
+
+    # ------------------------------------------------------------------ hooks and staging
+
+    def _pre_forward(self, module, args):
+        if self._staged is not None and self.commit_mode == "on_forward" and self._lock.depth() == 0:
+            self._apply()
+        self._lock.acquire_read()
+
+    def _post_forward(self, module, args, output):
+        self._lock.release_read()
+
+    def _on_staged(self, staged: StagedVersion) -> None:
+        with self._cv:
+            old, self._staged = self._staged, staged
+            self._cv.notify_all()
+        if old is not None:  # superseded before it was applied: its buffers go back to the pool
+            self._sub.recycle(old.shadows)
+
+    def _on_error(self, version: int, message: str) -> None:
+        with self._cv:
+            self.last_error = f"version {version}: {message}"
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def staged_version(self) -> int | None:
+        """The committed version waiting to be applied, if any."""
+        s = self._staged
+        return s.version if s is not None else None
+
+    def on_commit(self, callback: Callable[[CommitInfo], None]) -> None:
+        """Calls ``callback(CommitInfo)`` after every applied version (in the applying thread)."""
+        self._callbacks.append(callback)
+
+    def commit(self, timeout: float | None = None) -> int | None:
+        """Applies the staged version now (waits for running forwards); returns the version
+        applied, or None when nothing was staged."""
+        return self._apply(timeout)
+
+    def wait(self, version: int | None = None, timeout: float | None = None,
+             apply: bool = True) -> int | None:
+        """Waits until ``version`` (default: the next one) is committed and staged, applies it
+        unless ``apply=False``, and returns the version. Raises TimeoutError, or UpdateError when
+        this subscriber refused that version."""
+        end = None if timeout is None else time.monotonic() + timeout
+        target = version if version is not None else (self.version or 0) + 1
+        with self._cv:
+            err_seen = self.last_error
+            while True:
+                if self.version is not None and self.version >= target:
+                    return self.version
+                s = self._staged
+                if s is not None and s.version >= target:
+                    break
+                if self.last_error is not None and self.last_error != err_seen and \
+                        self.last_error.startswith(f"version {target}:"):
+                    raise UpdateError(self.last_error)
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"hotweights {self.name!r}: version {target} not committed "
+                                       f"within {timeout} s (applied: {self.version})")
+                self._cv.wait(left if left is not None else 1.0)
+        return self._apply(None if end is None else max(0.0, end - time.monotonic())) if apply else s.version
+
+    def close(self) -> None:
+        """Removes the hooks, stops receiving, deregisters and frees the staging."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._sub.close()
+        self._staged = None
+
+    # ------------------------------------------------------------------ apply
+
+    def _apply(self, timeout: float | None = None) -> int | None:
+        with self._cv:
+            staged, self._staged = self._staged, None
+        if staged is None:
+            return None
+        # Everything that could refuse the version is checked before the first swap.
+        for name, shadow in staged.shadows.items():
+            live = self._targets.get(name)
+            if live is None:
+                raise UpdateError(f"version {staged.version}: {name!r} is not in the model")
+            if self.swap == "inplace" and (live.shape != shadow.shape or live.dtype != shadow.dtype):
+                raise UpdateError(f"version {staged.version}: {name!r} changed shape or dtype; "
+                                  "swap='inplace' cannot apply that (use swap='storage' and "
+                                  "accept_reshape=True)")
+        if not self._lock.acquire_write(timeout):
+            with self._cv:  # keep it staged for later
+                if self._staged is None:
+                    self._staged = staged
+            raise TimeoutError(f"hotweights {self.name!r}: forwards kept running for {timeout} s; "
+                               f"version {staged.version} stays staged")
+        cuda = self._sub.device.type == "cuda"
+        try:
+            t0 = time.perf_counter()
+            if cuda and staged.event is not None:
+                torch.cuda.current_stream(self._sub.device).wait_event(staged.event)
+            names = list(staged.shadows)
+            if self.swap == "storage":
+                replaced = {}
+                with torch.no_grad():
+                    for name in names:
+                        live = self._targets[name]
+                        replaced[name] = live.data
+                        live.data = staged.shadows[name]
+            else:
+                ops.copy_([self._targets[n].data for n in names], [staged.shadows[n] for n in names])
+                replaced = staged.shadows
+            reuse_event = None
+            if cuda:
+                reuse_event = torch.cuda.Event()
+                reuse_event.record(torch.cuda.current_stream(self._sub.device))
+            pause = time.perf_counter() - t0
+            opt_report = self._apply_optimizer_policy(names, staged)
+        finally:
+            self._lock.release_write()
+        self._sub.recycle(replaced, reuse_event)
+        self.version = staged.version
+        self._sub.version = staged.version
+        try:
+            self._sub.client.applied(self.client_id, self.name, staged.version)
+        except Exception as e:
+            log.warning("hotweights %s: reporting applied version failed: %s", self.name, e)
+        info = CommitInfo(version=staged.version, label=staged.label, changed=names,
+                          reshaped=staged.reshaped, bytes=staged.bytes,
+                          timings={**staged.timings, "pause_s": pause}, optimizer=opt_report)
+        self.last_commit = info
+        with self._cv:
+            self._cv.notify_all()
+        for cb in self._callbacks:
+            cb(info)
+        return staged.version
+
+    def _apply_optimizer_policy(self, names: list[str], staged: StagedVersion) -> dict | None:
+        """Optimizer-state policy for exactly the parameters that changed (see hotweights.optim)."""
+        if self.optimizer is None or self.opt_policy == "preserve":
+            return None
+        from . import optim
+
+        params = [self._targets[n] for n in names if isinstance(self._targets[n], torch.nn.Parameter)]
+        reshaped = [self._targets[r[0]] for r in staged.reshaped if r[0] in self._targets]
+        report = optim.apply_policy(self.optimizer, params, self.opt_policy, self.opt_attenuation,
+                                    shape_changed=reshaped)
+        return report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
+
+    def __repr__(self) -> str:
+        return (f"HotweightsHandle({self.name!r}, version={self.version}, staged="
+                f"{self.staged_version}, commit={self.commit_mode}, swap={self.swap})")
+
+
+def register(model: torch.nn.Module, name: str = "model", endpoint: str | None = None,
+             **kwargs) -> HotweightsHandle:
+    """Subscribes ``model`` to the versions of ``name`` (see HotweightsHandle)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"register_hotweights: expected an nn.Module, got {type(model).__name__}")
+    return HotweightsHandle(model, name, endpoint, **kwargs)
+
+
+def _register_hotweights(self: torch.nn.Module, name: str = "model", endpoint: str | None = None,
+                         **kwargs) -> HotweightsHandle:
+    """Subscribes this module to hot weight updates (see hotweights.module.HotweightsHandle)."""
+    return register(self, name, endpoint, **kwargs)
+
+
+def install() -> None:
+    """Adds ``register_hotweights`` to ``torch.nn.Module`` (done by ``import hotweights``)."""
+    if not hasattr(torch.nn.Module, "register_hotweights"):
+        torch.nn.Module.register_hotweights = _register_hotweights

@@ -1,0 +1,739 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The replication pipeline on one node: a Publisher streams a version through its slot ring to
+every Subscriber, which stages, verifies and commits it atomically.
+
+Note [One update]
+1. ``Publisher.publish`` hashes the live tensors into a manifest, asks the coordinator who
+   subscribes (and at which version, with which consumer set), and makes the delta plan.
+2. It registers the version (manifest + plan) with the coordinator, then for each bucket: waits
+   for a free slot and for the window controller's admission, gathers the bucket's pieces into
+   the slot with the copy engine while hashing them, checks each whole tensor against the
+   manifest (a tensor modified since it was hashed aborts the version instead of shipping a
+   torn snapshot), records the slot's event, and posts a handle (bucket, slot, digest) for the
+   bucket's consumers.
+3. Each subscriber imports the ring once, and for every handle waits on the slot's event,
+   scatters its pieces into shadow buffers while hashing them, compares the bucket digest and
+   acks (or nacks: the publisher re-sends). When every bucket is in, every tensor's checksum is
+   checked against the plan (end to end: against the manifest hash), then it precommits.
+4. The coordinator commits when its quorum has precommitted. Each subscriber applies the
+   version at a safe point (see Note [Atomic apply] in module.py): storage swap or in-place
+   copy, all changed tensors or none. Abort leaves the old version live and frees the staging.
+5. The publisher's releaser thread learns of acks (and lease expiries) by long-polling the
+   coordinator; a released slot is reused, and the bucket's service time (post to last ack)
+   feeds the window controller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from . import _C, ops
+from . import config as _config
+from .coordinator import Client, CoordinatorError
+from .ipc import SlotRing, open_ring
+from .manifest import Manifest, ManifestError, dtype_name
+from .plan import Plan, SubscriberSpec, make_plan
+
+__all__ = ["Publisher", "PublishResult", "PublishError", "Subscriber", "UpdateError",
+           "StagedVersion"]
+
+log = logging.getLogger("hotweights")
+
+
+class PublishError(RuntimeError):
+    """A version could not be published (aborted, timed out, or its source changed)."""
+
+
+class UpdateError(RuntimeError):
+    """A subscriber refused or failed a version; its weights are untouched."""
+
+
+def _tensors_of(source) -> dict[str, torch.Tensor]:
+    if isinstance(source, torch.nn.Module):
+        return dict(source.state_dict(keep_vars=False))
+    if callable(source):
+        return dict(source())
+    if isinstance(source, Mapping):
+        return dict(source)
+    raise TypeError(f"Publisher: expected an nn.Module, a mapping of tensors or a callable returning "
+                    f"one, got {type(source).__name__}")
+
+
+def _device_of(tensors: Mapping[str, torch.Tensor]) -> torch.device:
+    devs = {t.device for t in tensors.values()}
+    if len(devs) > 1:
+        raise ValueError(f"Publisher: all tensors must live on one device, got {sorted(map(str, devs))}")
+    return devs.pop() if devs else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- publisher
+
+
+@dataclasses.dataclass
+class PublishResult:
+    """What one publish did: version id, bytes and buckets moved, retries and timings (s)."""
+
+    version: int
+    state: str
+    label: str | None
+    bytes: int
+    buckets: int
+    tensors: int
+    retries: int
+    timings: dict[str, float]
+    reason: str | None = None
+
+
+class _Transfer:
+    """Book-keeping of the version being streamed (publisher side)."""
+
+    def __init__(self, version: int, plan: Plan):
+        self.version = version
+        self.plan = plan
+        self.attempts: dict[int, int] = {}
+        self.retry: list[int] = []          # buckets to send again
+        self.failed: str | None = None      # reason to abort
+        self.posted = 0
+        self.done = threading.Event()
+
+
+class Publisher:
+    """Publishes versions of a model's tensors to every subscriber of ``name``.
+
+    ``source``: an ``nn.Module``, a mapping name -> tensor, or a callable returning one (read at
+    every publish). All tensors must live on one device; the slot ring is allocated there once
+    (``slots`` x ``bucket_bytes``, default HOTWEIGHTS_IPC_MAX_INFLIGHT x HOTWEIGHTS_BUCKET_MB) and
+    exported once. ``endpoint=None`` uses HOTWEIGHTS_COORD_ENDPOINT or the embedded coordinator.
+    ``serve_late``: when a subscriber joins after the current version, publish a catch-up
+    version (same content if the source did not change; a changed source just gives a new
+    version) while no publish is running.
+    """
+
+    def __init__(self, source, name: str = "model", endpoint: str | None = None, *,
+                 bucket_bytes: int | None = None, slots: int | None = None,
+                 quorum: Any = None, token: str | None = None, node: str | None = None,
+                 serve_late: bool = True, client: Client | None = None, config=None):
+        self.cfg = config or _config.get()
+        self._source = source
+        self.name = name
+        tensors = _tensors_of(source)
+        self.device = _device_of(tensors)
+        self.bucket_bytes = int(bucket_bytes or self.cfg.bucket_bytes)
+        self.slots = int(slots or self.cfg.ipc_max_inflight)
+        if self.bucket_bytes % 256:
+            raise ValueError(f"Publisher: bucket_bytes={self.bucket_bytes}, expected a multiple of 256")
+        self.quorum = quorum
+        self.client = client or Client(endpoint, token=token)
+        self._own_client = client is None
+        self.ring = SlotRing(self.bucket_bytes, self.slots, self.device, name=f"pub-{name}")
+        self.window = _C.WindowController(
+            base=min(self.cfg.ipc_inflight_buckets, self.slots),
+            byte_cap=self.cfg.ipc_inflight_bytes, adapt=self.cfg.ipc_adapt,
+            min_window=min(self.cfg.ipc_min_inflight, self.slots),
+            max_window=min(self.cfg.ipc_max_inflight, self.slots),
+            target_s=self.cfg.ipc_target_bucket_ms / 1000.0)
+        reg = self.client.register(
+            "publisher", name, node=node or self.cfg.node, device=str(self.device),
+            capabilities={"ring": self.ring.handle(), "ring_id": self.ring.id,
+                          "slot_bytes": self.bucket_bytes, "slots": self.slots,
+                          "device": str(self.device), "pid": _pid()})
+        self.client_id = reg["client_id"]
+        self.version: int | None = reg["current_version"]
+        self._manifests: dict[int, Manifest] = {}
+        self._lock = threading.RLock()          # one publish at a time
+        self._cv = threading.Condition()        # slots, inflight, transfer state
+        self._free = list(range(self.slots))
+        self._inflight: dict[str, tuple] = {}   # handle_id -> (slot, bucket, bytes, t_post, transfer)
+        self._transfer: _Transfer | None = None
+        self._closed = False
+        self.corrupt_hook: Callable[[int, torch.Tensor], None] | None = None  # tests only
+        self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "retries": 0, "expired": 0}
+        self._released_after = 0
+        self._releaser = threading.Thread(target=self._release_loop, name=f"hw-pub-{name}",
+                                          daemon=True)
+        self._releaser.start()
+        self._serve_late = serve_late
+        self._watcher = None
+        if serve_late:
+            self._watcher = threading.Thread(target=self._late_join_loop,
+                                             name=f"hw-pub-late-{name}", daemon=True)
+            self._watcher.start()
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, label: str | None = None, *, timeout: float | None = None) -> PublishResult:
+        """Publishes the source's current tensors as the next version and waits until the
+        quorum committed it. Returns what moved and the timings; raises PublishError when the
+        version is aborted. The source must not be modified until this returns."""
+        with self._lock:
+            if self._closed:
+                raise PublishError("publisher is closed")
+            return self._publish(label, timeout if timeout is not None else self.cfg.version_timeout_s)
+
+    def _publish(self, label, timeout) -> PublishResult:
+        t0 = time.perf_counter()
+        tensors = _tensors_of(self._source)
+        if _device_of(tensors) != self.device:
+            raise PublishError(f"source moved from {self.device} to {_device_of(tensors)}; "
+                               "create a new Publisher for the new device")
+        manifest = Manifest.from_state_dict(tensors, model=self.name, label=label,
+                                            parent=self.version)
+        t_manifest = time.perf_counter()
+        subs = [c for c in self.client.clients(self.name)
+                if c["role"] == "subscriber" and c["alive"]]
+        specs = [SubscriberSpec(c["client_id"], self._manifest(c["version"]),
+                                c["consumer"] or None) for c in subs]
+        plan = make_plan(manifest, specs, self.bucket_bytes)
+        t_plan = time.perf_counter()
+        version = self.client.publish(
+            self.client_id, self.name, manifest.to_bytes(), label=label, parent=self.version,
+            plan=plan.to_bytes(), expected=[s.id for s in specs], quorum=self.quorum,
+            meta={"bytes": plan.total_bytes, "buckets": plan.num_buckets,
+                  "ring_id": self.ring.id})["version"]
+        manifest = manifest.with_version(version)
+        plan.version = version
+        self._manifests[version] = manifest
+        xfer = _Transfer(version, plan)
+        with self._cv:
+            self._transfer = xfer
+        try:
+            self._stream(xfer, tensors, manifest, t0 + timeout)
+            t_stream = time.perf_counter()
+            if xfer.failed:
+                self.client.abort(self.client_id, self.name, version, xfer.failed)
+            left = max(0.1, t0 + timeout - time.perf_counter())
+            try:
+                info = self.client.wait_version(self.name, version, left)
+            except TimeoutError:
+                self.client.abort(self.client_id, self.name, version, f"timeout after {timeout} s")
+                info = self.client.version(self.name, version)
+        finally:
+            with self._cv:
+                xfer.done.set()
+                self._transfer = None
+                self._cv.notify_all()
+        t_end = time.perf_counter()
+        res = PublishResult(
+            version=version, state=info["state"], label=label, bytes=plan.total_bytes,
+            buckets=plan.num_buckets, tensors=len(plan.names),
+            retries=sum(max(0, a - 1) for a in xfer.attempts.values()),
+            timings={"manifest_s": t_manifest - t0, "plan_s": t_plan - t_manifest,
+                     "stream_s": t_stream - t_plan, "commit_wait_s": t_end - t_stream,
+                     "total_s": t_end - t0},
+            reason=info.get("reason"))
+        self.stats["versions"] += 1
+        self.stats["bytes"] += plan.total_bytes
+        self.stats["buckets"] += plan.num_buckets
+        self.stats["retries"] += res.retries
+        if info["state"] != "committed":
+            raise PublishError(f"version {version} of {self.name!r} was {info['state']}: "
+                               f"{info.get('reason') or xfer.failed or 'no reason given'}")
+        self.version = version
+        return res
+
+    def _manifest(self, version: int | None) -> Manifest | None:
+        if version is None:
+            return None
+        m = self._manifests.get(version)
+        if m is None:  # published by an earlier session: the coordinator keeps it
+            try:
+                m = Manifest.from_bytes(self.client.manifest(self.name, version))
+                self._manifests[version] = m
+            except (CoordinatorError, ManifestError) as e:
+                log.warning("publisher %s: manifest of version %s unavailable (%s): full send",
+                            self.name, version, e)
+                return None
+        # keep a bounded history: subscribers lag by a few versions at most
+        for v in sorted(self._manifests)[:-8]:
+            self._manifests.pop(v, None)
+        return m
+
+    def _stream(self, xfer: _Transfer, tensors: dict[str, torch.Tensor], manifest: Manifest,
+                deadline: float) -> None:
+        plan = xfer.plan
+        src = [tensors[n] for n in plan.names]
+        queue = list(range(plan.num_buckets))
+        while True:
+            with self._cv:
+                while True:
+                    if xfer.failed or self._closed:
+                        return
+                    if xfer.retry:
+                        queue = xfer.retry + queue
+                        xfer.retry = []
+                    if not queue and not self._inflight_of(xfer):
+                        return
+                    info_bytes = sum(v[2] for v in self._inflight.values())
+                    if queue and self._free and self.window.can_admit(
+                            len(self._inflight), info_bytes, int(plan.bucket_used[queue[0]])):
+                        b = queue.pop(0)
+                        slot = self._free.pop()
+                        break
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        xfer.failed = "timeout while streaming buckets"
+                        return
+                    self._cv.wait(min(left, 0.5))
+            try:
+                self._send_bucket(xfer, b, slot, src, manifest)
+            except Exception as e:  # a send that failed frees its slot and aborts the version
+                with self._cv:
+                    self._free.append(slot)
+                    xfer.failed = f"sending bucket {b} failed: {type(e).__name__}: {e}"
+                    self._cv.notify_all()
+                return
+
+    def _inflight_of(self, xfer: _Transfer) -> bool:
+        return any(v[4] is xfer for v in self._inflight.values())
+
+    def _send_bucket(self, xfer: _Transfer, b: int, slot: int, src: list[torch.Tensor],
+                     manifest: Manifest) -> None:
+        plan = xfer.plan
+        rows = plan.pieces(b)
+        tidx = plan.piece_tensor[rows]
+        toff = plan.piece_tensor_offset[rows]
+        ln = plan.piece_length[rows]
+        h = ops.gather(self.ring.slot(slot), [src[i] for i in tidx.tolist()],
+                       plan.piece_slot_offset[rows], lengths=ln, tensor_offsets=toff, hash=True)
+        partials = h.partials()
+        # Whole pieces must hash to the manifest: otherwise the source changed after it was
+        # hashed (a torn snapshot), and the version is aborted rather than shipped.
+        whole = (toff == 0) & (ln == plan.nbytes[tidx])
+        for k in np.flatnonzero(whole).tolist():
+            t = int(tidx[k])
+            if ops.tensor_digest([partials[k]], int(ln[k])) != int(plan.checksums[t]):
+                raise PublishError(f"tensor {plan.names[t]!r} changed while version "
+                                   f"{xfer.version} was being published; publish again")
+        digest = ops.bucket_digest(partials, ln)
+        if self.corrupt_hook is not None:
+            self.corrupt_hook(b, self.ring.slot(slot))
+        self.ring.record(slot)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        attempt = xfer.attempts.get(b, 0) + 1
+        xfer.attempts[b] = attempt
+        hid = uuid.uuid4().hex
+        with self._cv:
+            self._inflight[hid] = (slot, b, int(plan.bucket_used[b]), time.perf_counter(), xfer)
+        try:
+            self.client.post_handle(
+                self.client_id, self.name, xfer.version,
+                {"bucket": b, "slot": slot, "digest": digest, "ring_id": self.ring.id,
+                 "attempt": attempt},
+                consumers=list(plan.consumers(b)), handle_id=hid)
+        except Exception:
+            with self._cv:
+                self._inflight.pop(hid, None)
+            raise
+        xfer.posted += 1
+
+    # ------------------------------------------------------------------ background
+
+    def _release_loop(self) -> None:
+        """Frees slots as the coordinator releases their handles; feeds the window controller;
+        schedules re-sends of buckets that a consumer nacked or never took."""
+        try:
+            while not self._closed:
+                try:
+                    r = self.client.released(self.client_id, after=self._released_after, wait_ms=1000)
+                except Exception as e:
+                    if self._closed:
+                        return
+                    log.warning("publisher %s: waiting for releases failed: %s", self.name, e)
+                    time.sleep(0.5)
+                    continue
+                self._released_after = r["last"]
+                now = time.perf_counter()
+                with self._cv:
+                    for rel in r["released"]:
+                        entry = self._inflight.pop(rel["handle_id"], None)
+                        if entry is None:
+                            continue
+                        slot, b, nbytes, t_post, xfer = entry
+                        self._free.append(slot)
+                        if rel["reason"] == "acked":
+                            self.window.on_complete(time.monotonic(), max(now - t_post, 1e-6), max(nbytes, 1))
+                        elif xfer is self._transfer and not xfer.failed:
+                            self._handle_failure(xfer, b, rel)
+                    self._cv.notify_all()
+        finally:
+            self.client.release_thread()
+
+    def _handle_failure(self, xfer: _Transfer, b: int, rel: dict) -> None:
+        if rel["reason"] == "expired":
+            self.stats["expired"] += 1
+            if not rel.get("missing"):
+                return
+        why = "; ".join(f"{k}: {v}" for k, v in (rel.get("errors") or {}).items()) or rel["reason"]
+        if xfer.attempts.get(b, 0) >= 3:
+            xfer.failed = f"bucket {b} failed 3 times ({why})"
+            return
+        log.warning("publisher %s: re-sending bucket %d of version %d (%s)", self.name, b,
+                    xfer.version, why)
+        xfer.retry.append(b)
+
+    def _late_join_loop(self) -> None:
+        """Watches the model's events; when a subscriber registers (or every few seconds),
+        serves subscribers that are behind the current version."""
+        after, last_check = 0, 0.0
+        try:
+            while not self._closed:
+                try:
+                    ev = self.client.events(self.name, after=after, wait_ms=1000)
+                except Exception:
+                    if self._closed:
+                        return
+                    time.sleep(0.5)
+                    continue
+                after = ev["last"]
+                joined = any(e.get("type") == "client" and e.get("role") == "subscriber"
+                             and e.get("action") in ("joined", "rejoined")
+                             for e in ev["events"])
+                now = time.monotonic()
+                if self.version is not None and (joined or now - last_check > 5.0):
+                    last_check = now
+                    self._serve_laggards()
+        finally:
+            self.client.release_thread()
+
+    def _serve_laggards(self) -> None:
+        """Publishes a catch-up version when a live subscriber holds neither the current version
+        nor a vote on it (it joined later). Subscribers that refused it are not retried."""
+        if self._closed or not self._lock.acquire(blocking=False):
+            return  # a publish is running: it serves everyone anyway
+        try:
+            info = self.client.version(self.name, self.version)
+            if info["state"] != "committed":
+                return
+            settled = set(info.get("applied", [])) | set(info.get("precommitted", [])) | set(
+                info.get("rejected", {}))
+            behind = [c for c in self.client.clients(self.name)
+                      if c["role"] == "subscriber" and c["alive"] and c["client_id"] not in settled
+                      and c["version"] != self.version]
+            if not behind:
+                return
+            log.info("publisher %s: %d subscriber(s) joined after version %s: catch-up",
+                     self.name, len(behind), self.version)
+            try:
+                self._publish(f"catch-up of v{self.version}", self.cfg.version_timeout_s)
+            except Exception as e:
+                log.warning("publisher %s: catch-up failed: %s", self.name, e)
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Stops the background threads, deregisters and frees the ring."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cv:
+            self._cv.notify_all()
+        for t in (self._releaser, self._watcher):
+            if t is not None:
+                t.join(5)
+        try:
+            self.client.deregister(self.client_id)
+        except Exception as e:
+            log.warning("publisher %s: deregister failed: %s", self.name, e)
+        if self._own_client:
+            self.client.close()
+        self.ring = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+# --------------------------------------------------------------------------- subscriber
+
+
+@dataclasses.dataclass
+class StagedVersion:
+    """A version received, verified and waiting to be applied."""
+
+    version: int
+    label: str | None
+    names: list[str]                 # tensors that change
+    shadows: dict[str, torch.Tensor]
+    reshaped: list
+    timings: dict[str, float]
+    bytes: int
+    event: Any = None                # CUDA: the receive stream's completion event
+
+
+class Subscriber:
+    """Receives versions of ``name`` into shadow buffers next to ``targets`` (a mapping name ->
+    live tensor) and stages them; applying is the caller's (see module.py).
+
+    ``consumer``: names or glob patterns of the tensors this subscriber needs (default: all).
+    ``on_staged(staged)`` is called from the worker thread when a version is committed by the
+    coordinator and ready to apply; ``on_error(version, message)`` when one is refused or fails.
+    """
+
+    def __init__(self, targets: Mapping[str, torch.Tensor], name: str = "model",
+                 endpoint: str | None = None, *, consumer=None, accept_reshape: bool = False,
+                 token: str | None = None, node: str | None = None, keep_staging: bool = True,
+                 on_staged: Callable[[StagedVersion], None] | None = None,
+                 on_error: Callable[[int, str], None] | None = None, client: Client | None = None,
+                 config=None):
+        self.cfg = config or _config.get()
+        self.targets = targets
+        self.name = name
+        self.consumer = list(consumer) if consumer else None
+        self.accept_reshape = accept_reshape
+        self.keep_staging = keep_staging
+        self.on_staged = on_staged
+        self.on_error = on_error
+        devs = {t.device for t in targets.values()}
+        if len(devs) > 1:
+            raise ValueError(f"register_hotweights: the model's tensors live on several devices "
+                             f"({sorted(map(str, devs))}); one subscriber serves one device")
+        self.device = devs.pop() if devs else torch.device("cpu")
+        self.client = client or Client(endpoint, token=token)
+        self._own_client = client is None
+        reg = self.client.register("subscriber", name, node=node or self.cfg.node,
+                                   device=str(self.device), consumer=self.consumer or [],
+                                   capabilities={"pid": _pid()})
+        self.client_id = reg["client_id"]
+        self.version: int | None = None         # applied version
+        self.current_version = reg["current_version"]
+        self._pool: dict[str, torch.Tensor] = {}  # reusable shadow buffers
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._reuse_event = None                  # CUDA: shadows may be rewritten after this
+        self._closed = False
+        self.errors: list[tuple[int, str]] = []
+        self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0}
+        self._thread = threading.Thread(target=self._loop, name=f"hw-sub-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ worker
+
+    def _loop(self) -> None:
+        after = 0
+        try:
+            while not self._closed:
+                try:
+                    ev = self.client.events(self.name, after=after, wait_ms=1000)
+                except Exception as e:
+                    if self._closed:
+                        return
+                    log.warning("subscriber %s: events failed: %s", self.name, e)
+                    time.sleep(0.5)
+                    continue
+                if ev.get("truncated"):
+                    log.warning("subscriber %s: event log truncated; resyncing", self.name)
+                after = ev["last"]
+                versions = sorted({e["version"] for e in ev["events"] if e.get("type") == "version"})
+                for v in versions:
+                    if self._closed:
+                        return
+                    if self.version is not None and v <= self.version:
+                        continue
+                    self._receive(v)
+        finally:
+            self.client.release_thread()
+
+    def _fail(self, version: int, reason: str, reject: bool = True) -> None:
+        self.errors.append((version, reason))
+        log.warning("subscriber %s: version %d refused: %s", self.name, version, reason)
+        if reject:
+            try:
+                self.client.reject(self.client_id, self.name, version, reason)
+            except Exception as e:
+                log.warning("subscriber %s: reject failed: %s", self.name, e)
+        if self.on_error:
+            self.on_error(version, reason)
+
+    def _receive(self, version: int) -> None:
+        t0 = time.perf_counter()
+        info = self.client.version(self.name, version)
+        if self.client_id not in info.get("expected", []) or info["state"] != "transferring":
+            return  # not ours (we joined later), or already decided
+        plan = Plan.from_bytes(self.client.plan(self.name, version))
+        mine = plan.tensors_for(self.client_id)
+        names = [plan.names[i] for i in mine]
+        problems = self._check_model(plan, mine)
+        if problems:
+            self._fail(version, problems)
+            return
+        buckets = plan.buckets_for(self.client_id)
+        shadows = self._shadows(plan, mine)
+        ring = None
+        if buckets:
+            pub = self.client.get_client(info["publisher"])
+            try:
+                ring = open_ring(pub["capabilities"]["ring"], self.device)
+            except Exception as e:
+                self._fail(version, f"cannot import the publisher's ring: {e}")
+                return
+        acc = np.zeros(len(plan.names), np.uint64)
+        todo = set(buckets)
+        after, nbytes = 0, 0
+        deadline = t0 + self.cfg.version_timeout_s
+        t_first = None
+        while todo and not self._closed:
+            if time.perf_counter() > deadline:
+                self._fail(version, f"timed out with {len(todo)} bucket(s) missing")
+                return
+            try:
+                r = self.client.get_handles(self.client_id, self.name, version, after=after,
+                                            wait_ms=1000)
+            except CoordinatorError as e:
+                self._fail(version, f"get_handles failed: {e}", reject=False)
+                return
+            after = r["last"]
+            for h in r["handles"]:
+                p = h["payload"]
+                b = int(p["bucket"])
+                t_first = t_first or time.perf_counter()
+                if b not in todo:  # a re-send of a bucket we already hold
+                    self.client.ack_handle(self.client_id, h["handle_id"], True)
+                    continue
+                ok, err, partials = self._scatter(ring, plan, b, int(p["slot"]), int(p["digest"]), shadows)
+                if ok:
+                    np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
+                    todo.discard(b)
+                    nbytes += int(plan.piece_length[plan.pieces(b)].sum())
+                    self.stats["buckets"] += 1
+                else:
+                    self.stats["nacks"] += 1
+                self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
+            if not todo:
+                break
+            st = self.client.version(self.name, version)["state"]
+            if st != "transferring":
+                log.info("subscriber %s: version %d %s while receiving", self.name, version, st)
+                return
+        if self._closed:
+            return
+        # End to end: every tensor's pieces add up to the manifest's checksum.
+        for i in mine:
+            got = ops.tensor_digest([acc[i]], int(plan.nbytes[i]))
+            if got != int(plan.checksums[i]):
+                self._fail(version, f"tensor {plan.names[i]!r} arrived with checksum {got:016x}, "
+                                    f"the manifest says {int(plan.checksums[i]):016x}")
+                return
+        event = None
+        if self._stream is not None:
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        t_recv = time.perf_counter()
+        self.client.precommit(self.client_id, self.name, version)
+        try:
+            final = self.client.wait_version(self.name, version, max(1.0, deadline - time.perf_counter()))
+        except TimeoutError as e:
+            self._fail(version, str(e), reject=False)
+            return
+        if final["state"] != "committed":
+            log.info("subscriber %s: version %d %s: %s", self.name, version, final["state"],
+                     final.get("reason"))
+            return
+        t_commit = time.perf_counter()
+        staged = StagedVersion(
+            version=version, label=info.get("label"), names=names, shadows=shadows,
+            reshaped=[r for r in plan.reshaped if r[0] in shadows], bytes=nbytes,
+            timings={"receive_s": t_recv - (t_first or t0), "verify_wait_s": t_commit - t_recv,
+                     "total_s": t_commit - t0}, event=event)
+        self.stats["versions"] += 1
+        self.stats["bytes"] += nbytes
+        if self.on_staged:
+            self.on_staged(staged)
+
+    def _check_model(self, plan: Plan, mine: list[int]) -> str | None:
+        """The model must match the manifest for the tensors this subscriber receives."""
+        bad = []
+        reshaped = {r[0] for r in plan.reshaped}
+        for i in mine:
+            name = plan.names[i]
+            t = self.targets.get(name)
+            if t is None:
+                bad.append(f"{name!r} is not in the model")
+            elif (dtype_name(t.dtype), tuple(t.shape)) != (plan.dtypes[i], plan.shapes[i]):
+                if name in reshaped and self.accept_reshape:
+                    continue
+                bad.append(f"{name!r}: the model has {dtype_name(t.dtype)}{tuple(t.shape)}, the "
+                           f"version has {plan.dtypes[i]}{plan.shapes[i]}")
+        if not bad:
+            return None
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        return "model does not match the version: " + "; ".join(bad[:3]) + more
+
+    def _shadows(self, plan: Plan, mine: list[int]) -> dict[str, torch.Tensor]:
+        out = {}
+        for i in mine:
+            name = plan.names[i]
+            dtype = getattr(torch, plan.dtypes[i])
+            shape = plan.shapes[i]
+            t = self._pool.pop(name, None)
+            if t is None or t.dtype != dtype or tuple(t.shape) != shape:
+                t = torch.empty(shape, dtype=dtype, device=self.device)
+            out[name] = t
+        return out
+
+    def _scatter(self, ring, plan: Plan, b: int, slot: int, digest: int,
+                 shadows: dict[str, torch.Tensor]):
+        rows = plan.pieces(b)
+        tidx = plan.piece_tensor[rows]
+        dst = [shadows[plan.names[i]] for i in tidx.tolist()]
+        ln = plan.piece_length[rows]
+        try:
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    if self._reuse_event is not None:
+                        self._stream.wait_event(self._reuse_event)
+                    ring.wait(slot)
+                    h = ops.scatter(ring.slot(slot), dst, plan.piece_slot_offset[rows], lengths=ln,
+                                    tensor_offsets=plan.piece_tensor_offset[rows], hash=True)
+            else:
+                h = ops.scatter(ring.slot(slot), dst, plan.piece_slot_offset[rows], lengths=ln,
+                                tensor_offsets=plan.piece_tensor_offset[rows], hash=True)
+            partials = h.partials()
+        except Exception as e:
+            return False, f"scatter of bucket {b} failed: {type(e).__name__}: {e}", None
+        got = ops.bucket_digest(partials, ln)
+        if got != digest:
+            return False, (f"checksum mismatch in bucket {b}: got {got:016x}, expected "
+                           f"{digest:016x}"), None
+        return True, None, partials
+
+    # ------------------------------------------------------------------ staging pool
+
+    def recycle(self, tensors: Mapping[str, torch.Tensor], reuse_event=None) -> None:
+        """Returns buffers (the replaced storage of a swap, or applied shadows) to the pool so
+        the next version reuses them instead of allocating; ``reuse_event`` (CUDA) orders the
+        next writes after the compute stream's last use."""
+        if not self.keep_staging:
+            return
+        self._reuse_event = reuse_event
+        self._pool.update(tensors)
+
+    def close(self) -> None:
+        """Stops the worker, deregisters, and drops the ring mapping and staging."""
+        if self._closed:
+            return
+        self._closed = True
+        self._thread.join(5)
+        try:
+            self.client.deregister(self.client_id)
+        except Exception as e:
+            log.warning("subscriber %s: deregister failed: %s", self.name, e)
+        if self._own_client:
+            self.client.close()
+        self._pool.clear()
