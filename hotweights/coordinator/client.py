@@ -168,6 +168,8 @@ class Client:
                     timeouts += 1
                     self._drop(slot)  # a late reply must not reach a later call
                     index += 1
+                    # Later calls (heartbeats included) start at the next endpoint too.
+                    self._preferred = index % len(self.endpoints)
                 elif reply["ok"]:
                     self._preferred = index % len(self.endpoints)
                     return reply["result"]
@@ -183,11 +185,16 @@ class Client:
                     time.sleep(pause)
                 if timeouts > retries or time.monotonic() >= deadline:
                     where = ", ".join(self.endpoints)
-                    msg = (f"coordinator at {where} did not answer {method}: "
-                           f"{timeouts} attempt{'s' if timeouts != 1 else ''} of "
-                           f"{per_attempt:.1f} s timed out")
-                    if last_answer:
-                        msg += f"; last answer: {last_answer}"
+                    if timeouts:
+                        msg = (f"coordinator at {where} did not answer {method}: "
+                               f"{timeouts} attempt{'s' if timeouts != 1 else ''} of "
+                               f"{per_attempt:.1f} s timed out")
+                        if last_answer:
+                            msg += f"; last answer: {last_answer}"
+                    else:
+                        msg = (f"coordinator at {where} could not serve {method} within "
+                               f"{per_attempt * (retries + 1):.1f} s; last answer: "
+                               f"{last_answer}")
                     raise CoordinatorUnavailable(msg)
                 if self._closed:
                     raise CoordinatorUnavailable(f"{method}: the client was closed")

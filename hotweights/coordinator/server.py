@@ -119,6 +119,7 @@ class Coordinator:
         self._tie = itertools.count()
         self._last_backend_warning = 0.0
         self._gauges: dict = {}
+        self._backend_error = ""
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -327,6 +328,7 @@ class Coordinator:
         try:
             snap = self.backend.load()
         except BackendError as e:
+            self._backend_error = str(e)
             self._warn_backend(e)
             return False
         self.state.load(snap)
@@ -353,6 +355,7 @@ class Coordinator:
                 # Memory now holds changes the backend lacks: rebuild from the backend before
                 # serving again (Note [Persistence model]).
                 self._stale = True
+                self._backend_error = str(e)
                 self._warn_backend(e)
                 return str(e)
         for model, ev in outbox:
@@ -508,8 +511,7 @@ class Coordinator:
         if self._stale and not self._reload():
             self.state.count(f"requests.{method}.error")
             self._reply_error(ident, env, req_id, "unavailable",
-                              f"the coordinator cannot read its state from "
-                              f"{self.backend.describe()}")
+                              f"the coordinator cannot read its state: {self._backend_error}")
             return True
         try:
             result = self._dispatch(method, args)

@@ -139,7 +139,7 @@ class State:
     def _event(self, model: str, type_: str, **fields) -> None:
         m = self._model(model)
         m["eseq"] += 1
-        ev = {"seq": m["eseq"], "type": type_, "model": model, "ts": time.time(), **fields}
+        ev = {**fields, "seq": m["eseq"], "type": type_, "model": model, "ts": time.time()}
         self.events[model].append(ev)
         self.batch.append("events", model, ev, self.s.event_log_len)
         self._put_model(m)
@@ -617,7 +617,7 @@ class State:
         self.handles_by_model[a["model"]][hid] = h
         self._put_handle(h)
         self._event(a["model"], "handle", action="posted", handle_id=hid, owner=h["owner"],
-                    version=h["version"], seq=h["seq"], consumers=consumers)
+                    version=h["version"], handle_seq=h["seq"], consumers=consumers)
         self.count("handles.posted")
         self.woken_models.add(a["model"])
         self._maybe_release(h)
