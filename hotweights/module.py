@@ -138,6 +138,7 @@ class HotweightsHandle:
         self._callbacks: list[Callable[[CommitInfo], None]] = []
         self.version: int | None = None
         self.last_error: str | None = None
+        self.refused: dict[int, str] = {}  # version -> why this subscriber refused or failed it
         self.last_commit: CommitInfo | None = None
         self._hooks = [
             model.register_forward_pre_hook(self._pre_forward),
@@ -169,6 +170,7 @@ class HotweightsHandle:
     def _on_error(self, version: int, message: str) -> None:
         with self._cv:
             self.last_error = f"version {version}: {message}"
+            self.refused[version] = message
             self._cv.notify_all()
 
     # ------------------------------------------------------------------ public API
@@ -196,16 +198,14 @@ class HotweightsHandle:
         end = None if timeout is None else time.monotonic() + timeout
         target = version if version is not None else (self.version or 0) + 1
         with self._cv:
-            err_seen = self.last_error
             while True:
                 if self.version is not None and self.version >= target:
                     return self.version
                 s = self._staged
                 if s is not None and s.version >= target:
                     break
-                if self.last_error is not None and self.last_error != err_seen and \
-                        self.last_error.startswith(f"version {target}:"):
-                    raise UpdateError(self.last_error)
+                if target in self.refused:
+                    raise UpdateError(f"version {target}: {self.refused[target]}")
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"hotweights {self.name!r}: version {target} not committed "

@@ -155,7 +155,9 @@ class Publisher:
         self._inflight: dict[str, tuple] = {}   # handle_id -> (slot, bucket, bytes, t_post, transfer)
         self._transfer: _Transfer | None = None
         self._closed = False
-        self.corrupt_hook: Callable[[int, torch.Tensor], None] | None = None  # tests only
+        # Test hook: called with (bucket, slot tensor, attempt) after a bucket is gathered and
+        # hashed, before it is announced (tests corrupt or delay slots through it).
+        self.after_gather: Callable[[int, torch.Tensor, int], None] | None = None
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "retries": 0, "expired": 0}
         self._released_after = 0
         self._releaser = threading.Thread(target=self._release_loop, name=f"hw-pub-{name}",
@@ -209,7 +211,10 @@ class Publisher:
             self._stream(xfer, tensors, manifest, t0 + timeout)
             t_stream = time.perf_counter()
             if xfer.failed:
-                self.client.abort(self.client_id, self.name, version, xfer.failed)
+                try:
+                    self.client.abort(self.client_id, self.name, version, xfer.failed)
+                except CoordinatorError as e:  # decided meanwhile (committed or aborted)
+                    log.info("publisher %s: abort of version %d not needed: %s", self.name, version, e)
             left = max(0.1, t0 + timeout - time.perf_counter())
             try:
                 info = self.client.wait_version(self.name, version, left)
@@ -282,7 +287,8 @@ class Publisher:
                     if left <= 0:
                         xfer.failed = "timeout while streaming buckets"
                         return
-                    self._cv.wait(min(left, 0.5))
+                    if not self._cv.wait(min(left, 0.5)) and self._decided(xfer):
+                        return  # committed or aborted meanwhile: nothing left to send
             try:
                 self._send_bucket(xfer, b, slot, src, manifest)
             except Exception as e:  # a send that failed frees its slot and aborts the version
@@ -291,6 +297,12 @@ class Publisher:
                     xfer.failed = f"sending bucket {b} failed: {type(e).__name__}: {e}"
                     self._cv.notify_all()
                 return
+
+    def _decided(self, xfer: _Transfer) -> bool:
+        try:
+            return self.client.version(self.name, xfer.version)["state"] != "transferring"
+        except CoordinatorError:
+            return False
 
     def _inflight_of(self, xfer: _Transfer) -> bool:
         return any(v[4] is xfer for v in self._inflight.values())
@@ -314,13 +326,13 @@ class Publisher:
                 raise PublishError(f"tensor {plan.names[t]!r} changed while version "
                                    f"{xfer.version} was being published; publish again")
         digest = ops.bucket_digest(partials, ln)
-        if self.corrupt_hook is not None:
-            self.corrupt_hook(b, self.ring.slot(slot))
+        attempt = xfer.attempts.get(b, 0) + 1
+        xfer.attempts[b] = attempt
+        if self.after_gather is not None:
+            self.after_gather(b, self.ring.slot(slot), attempt)
         self.ring.record(slot)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        attempt = xfer.attempts.get(b, 0) + 1
-        xfer.attempts[b] = attempt
         hid = uuid.uuid4().hex
         with self._cv:
             self._inflight[hid] = (slot, b, int(plan.bucket_used[b]), time.perf_counter(), xfer)
@@ -372,7 +384,7 @@ class Publisher:
         if rel["reason"] == "expired":
             self.stats["expired"] += 1
             if not rel.get("missing"):
-                return
+                return  # nobody live still needs it
         why = "; ".join(f"{k}: {v}" for k, v in (rel.get("errors") or {}).items()) or rel["reason"]
         if xfer.attempts.get(b, 0) >= 3:
             xfer.failed = f"bucket {b} failed 3 times ({why})"
@@ -519,7 +531,10 @@ class Subscriber:
         self._reuse_event = None                  # CUDA: shadows may be rewritten after this
         self._closed = False
         self.errors: list[tuple[int, str]] = []
-        self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0}
+        self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0}
+        self._rings: dict[str, Any] = {}          # publisher client id -> ring import
+        # Test hook: called with the bucket index before each scatter.
+        self.before_scatter: Callable[[int], None] | None = None
         self._thread = threading.Thread(target=self._loop, name=f"hw-sub-{name}", daemon=True)
         self._thread.start()
 
@@ -562,42 +577,54 @@ class Subscriber:
             self.on_error(version, reason)
 
     def _receive(self, version: int) -> None:
+        """Receives, verifies and stages one version (or refuses it with a reason)."""
         t0 = time.perf_counter()
         info = self.client.version(self.name, version)
         if self.client_id not in info.get("expected", []) or info["state"] != "transferring":
-            return  # not ours (we joined later), or already decided
+            return  # not ours (we joined later: a catch-up serves us), or already decided
         plan = Plan.from_bytes(self.client.plan(self.name, version))
         mine = plan.tensors_for(self.client_id)
-        names = [plan.names[i] for i in mine]
         problems = self._check_model(plan, mine)
         if problems:
             self._fail(version, problems)
             return
         buckets = plan.buckets_for(self.client_id)
-        shadows = self._shadows(plan, mine)
+        self._drop_dead_rings()
         ring = None
         if buckets:
-            pub = self.client.get_client(info["publisher"])
             try:
-                ring = open_ring(pub["capabilities"]["ring"], self.device)
+                ring = self._ring_of(info["publisher"])
             except Exception as e:
                 self._fail(version, f"cannot import the publisher's ring: {e}")
                 return
+        shadows = self._shadows(plan, mine)
+        staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, ring, t0)
+        if staged is None:
+            # aborted, refused or failed: the staging goes, nothing was applied
+            shadows.clear()
+            self.stats["aborted"] += 1
+            self._drop_dead_rings()
+            return
+        self.stats["versions"] += 1
+        self.stats["bytes"] += staged.bytes
+        if self.on_staged:
+            self.on_staged(staged)
+
+    def _receive_buckets(self, version, info, plan, mine, buckets, shadows, ring, t0):
         acc = np.zeros(len(plan.names), np.uint64)
         todo = set(buckets)
-        after, nbytes = 0, 0
+        after, nbytes, t_first = 0, 0, None
         deadline = t0 + self.cfg.version_timeout_s
-        t_first = None
         while todo and not self._closed:
             if time.perf_counter() > deadline:
                 self._fail(version, f"timed out with {len(todo)} bucket(s) missing")
-                return
+                return None
             try:
                 r = self.client.get_handles(self.client_id, self.name, version, after=after,
                                             wait_ms=1000)
             except CoordinatorError as e:
                 self._fail(version, f"get_handles failed: {e}", reject=False)
-                return
+                return None
             after = r["last"]
             for h in r["handles"]:
                 p = h["payload"]
@@ -606,7 +633,10 @@ class Subscriber:
                 if b not in todo:  # a re-send of a bucket we already hold
                     self.client.ack_handle(self.client_id, h["handle_id"], True)
                     continue
-                ok, err, partials = self._scatter(ring, plan, b, int(p["slot"]), int(p["digest"]), shadows)
+                if self.before_scatter is not None:
+                    self.before_scatter(b)
+                ok, err, partials = self._scatter(ring, plan, b, int(p["slot"]), int(p["digest"]),
+                                                  shadows)
                 if ok:
                     np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
                     todo.discard(b)
@@ -614,22 +644,22 @@ class Subscriber:
                     self.stats["buckets"] += 1
                 else:
                     self.stats["nacks"] += 1
+                    log.warning("subscriber %s: %s", self.name, err)
                 self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
-            if not todo:
-                break
-            st = self.client.version(self.name, version)["state"]
-            if st != "transferring":
-                log.info("subscriber %s: version %d %s while receiving", self.name, version, st)
-                return
+            if todo:
+                st = self.client.version(self.name, version)["state"]
+                if st != "transferring":
+                    log.info("subscriber %s: version %d %s while receiving", self.name, version, st)
+                    return None
         if self._closed:
-            return
+            return None
         # End to end: every tensor's pieces add up to the manifest's checksum.
         for i in mine:
             got = ops.tensor_digest([acc[i]], int(plan.nbytes[i]))
             if got != int(plan.checksums[i]):
                 self._fail(version, f"tensor {plan.names[i]!r} arrived with checksum {got:016x}, "
                                     f"the manifest says {int(plan.checksums[i]):016x}")
-                return
+                return None
         event = None
         if self._stream is not None:
             event = torch.cuda.Event()
@@ -637,24 +667,40 @@ class Subscriber:
         t_recv = time.perf_counter()
         self.client.precommit(self.client_id, self.name, version)
         try:
-            final = self.client.wait_version(self.name, version, max(1.0, deadline - time.perf_counter()))
+            final = self.client.wait_version(self.name, version,
+                                             max(1.0, deadline - time.perf_counter()))
         except TimeoutError as e:
             self._fail(version, str(e), reject=False)
-            return
+            return None
         if final["state"] != "committed":
             log.info("subscriber %s: version %d %s: %s", self.name, version, final["state"],
                      final.get("reason"))
-            return
+            return None
         t_commit = time.perf_counter()
-        staged = StagedVersion(
-            version=version, label=info.get("label"), names=names, shadows=shadows,
-            reshaped=[r for r in plan.reshaped if r[0] in shadows], bytes=nbytes,
+        return StagedVersion(
+            version=version, label=info.get("label"), names=[plan.names[i] for i in mine],
+            shadows=shadows, reshaped=[r for r in plan.reshaped if r[0] in shadows], bytes=nbytes,
             timings={"receive_s": t_recv - (t_first or t0), "verify_wait_s": t_commit - t_recv,
                      "total_s": t_commit - t0}, event=event)
-        self.stats["versions"] += 1
-        self.stats["bytes"] += nbytes
-        if self.on_staged:
-            self.on_staged(staged)
+
+    def _ring_of(self, publisher_id: str):
+        """The publisher's ring, imported once per publisher (Note [CUDA IPC lifetime])."""
+        ring = self._rings.get(publisher_id)
+        if ring is None:
+            pub = self.client.get_client(publisher_id)
+            ring = open_ring(pub["capabilities"]["ring"], self.device)
+            self._rings[publisher_id] = ring
+        return ring
+
+    def _drop_dead_rings(self) -> None:
+        """Unmaps the rings of publishers that left or died, so their memory can go."""
+        for pid in list(self._rings):
+            try:
+                alive = self.client.get_client(pid).get("alive", False)
+            except CoordinatorError:
+                alive = False
+            if not alive:
+                self._rings.pop(pid).close()
 
     def _check_model(self, plan: Plan, mine: list[int]) -> str | None:
         """The model must match the manifest for the tensors this subscriber receives."""
@@ -737,3 +783,6 @@ class Subscriber:
         if self._own_client:
             self.client.close()
         self._pool.clear()
+        for ring in self._rings.values():
+            ring.close()
+        self._rings.clear()

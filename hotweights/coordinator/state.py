@@ -678,11 +678,17 @@ class State:
         released = self._maybe_release(h)
         return {"known": True, "released": released}
 
+    def _refused(self, h: dict) -> dict:
+        """Consumers that rejected the handle's version: they will never take the handle."""
+        vrec = self.versions.get(h["model"], {}).get(h["version"])
+        return vrec["rejected"] if vrec is not None else {}
+
     def _maybe_release(self, h: dict) -> bool:
         if h["handle_id"] not in self.handles:
             return True
+        refused = self._refused(h)
         pending = [c for c in h["consumers"] if c not in h["acked"] and c not in h["errors"]
-                   and self._alive(c)]
+                   and c not in refused and self._alive(c)]
         if pending:
             return False
         self._release(h, "nacked" if h["errors"] else "acked")
@@ -704,7 +710,7 @@ class State:
         entry = {"handle_id": h["handle_id"], "model": h["model"], "version": h["version"],
                  "reason": reason, "acked": list(h["acked"]),
                  "missing": [c for c in h["consumers"] if c not in h["acked"]
-                             and c not in h["errors"]],
+                             and c not in h["errors"] and c not in self._refused(h)],
                  "errors": dict(h["errors"]), "ts": time.time()}
         if owner in self.clients:
             seq = self.rseq.get(owner, 0) + 1

@@ -1,0 +1,327 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The replication pipeline with real processes: bit-identical updates, deltas, no torn reads,
+killed subscribers and publishers, corrupted slots, late joiners, mismatched models."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import hotweights
+from hotweights import UpdateError, config
+from hotweights.coordinator import Client, start_embedded
+
+from replicate_children import make_model, publisher, subscriber, unpack
+from utils import cpu_and_cuda, hotweights_fds
+
+FAST = {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
+        "HOTWEIGHTS_HANDLE_TTL": "3", "HOTWEIGHTS_VERSION_TIMEOUT_S": "60"}
+
+
+@pytest.fixture
+def fast_env(monkeypatch):
+    for k, v in FAST.items():
+        monkeypatch.setenv(k, v)
+    config.reset()
+
+
+@pytest.fixture
+def coord(fast_env):
+    c = start_embedded()
+    yield c.endpoint
+    c.stop()
+
+
+@contextlib.contextmanager
+def children(target, endpoint, specs, q, stop):
+    """Starts one spawned child per spec; always stops and reaps them."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(i, endpoint, s, q, stop), daemon=True)
+             for i, s in enumerate(specs)]
+    for p in procs:
+        p.start()
+    try:
+        yield procs
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def get(q, kind, timeout=120):
+    """The next message of a kind (children's errors fail the test at once)."""
+    end = time.monotonic() + timeout
+    while True:
+        msg = q.get(timeout=max(0.1, end - time.monotonic()))
+        if msg[0] == "error":
+            raise AssertionError(f"child {msg[1]} failed: {msg[2]}")
+        if msg[0] == kind:
+            if kind in ("applied", "published"):
+                msg = (*msg[:3], unpack(msg[3]), *msg[4:])
+            if kind == "outputs":
+                msg = (msg[0], msg[1], [torch.from_numpy(o) for o in msg[2]], msg[3])
+            return msg
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k].cpu().view(-1).view(torch.uint8), b[k].cpu().view(-1).view(torch.uint8))
+        for k in a)
+
+
+def snapshot(model):
+    return {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_two_subscribers_bit_identical_delta_and_late_joiner(coord, device):
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    src = make_model(7, device=device)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=3)
+    specs = [{"swap": "storage", "versions": 3, "device": device},
+             {"swap": "inplace", "versions": 3, "device": device}]
+    try:
+        with children(subscriber, coord, specs, q, stop):
+            for _ in specs:
+                get(q, "ready")
+            # v1: everything
+            r1 = pub.publish("full")
+            total = sum(t.numel() * t.element_size() for t in src.state_dict().values())
+            assert r1.bytes == total and r1.buckets > 3
+            for _ in specs:
+                _, i, v, state, nbytes, _t = get(q, "applied")
+                assert v == r1.version and nbytes == total
+                assert same_state(state, snapshot(src)), f"subscriber {i} differs after v1"
+            # v2: one tensor changed -> exactly its bytes move
+            with torch.no_grad():
+                src[2].weight.mul_(-1.5)
+            r2 = pub.publish("delta")
+            changed = src[2].weight.numel() * 4
+            assert r2.bytes == changed and r2.tensors == 1
+            for _ in specs:
+                _, i, v, state, nbytes, _t = get(q, "applied")
+                assert v == r2.version and nbytes == changed
+                assert same_state(state, snapshot(src))
+            # a late subscriber receives the current version (a catch-up version)
+            q2, stop2 = ctx.Queue(), ctx.Event()
+            with children(subscriber, coord, [{"seed": 999, "versions": 1, "device": device}], q2, stop2):
+                get(q2, "ready")
+                _, _, v, state, nbytes, _t = get(q2, "applied", timeout=60)
+                assert v > r2.version and nbytes == total
+                assert same_state(state, snapshot(src))
+            # the first two were served the catch-up too: an empty delta for them
+            for _ in specs:
+                _, i, v, state, nbytes, _t = get(q, "applied")
+                assert nbytes == 0 and same_state(state, snapshot(src))
+    finally:
+        pub.close()
+
+
+def test_no_torn_reads_under_repeated_updates(coord):
+    torch.set_num_threads(1)
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    src = make_model(1)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=2048, slots=2)
+    x = torch.linspace(-1, 1, 4 * 32).reshape(4, 32)
+    expected = []
+    try:
+        with children(subscriber, coord, [{"commit": "on_forward", "swap": "storage", "forward_loop": True},
+                                          {"commit": "on_forward", "swap": "inplace", "forward_loop": True}],
+                      q, stop):
+            get(q, "ready"), get(q, "ready")
+            for k in range(6):
+                fresh = make_model(1000 + k)
+                src.load_state_dict(fresh.state_dict())
+                with torch.no_grad():
+                    expected.append(src(x))
+                pub.publish(f"v{k}")
+                time.sleep(0.3)
+            stop.set()
+            for _ in range(2):
+                _, i, outs, last = get(q, "outputs")
+                assert len(outs) > 20
+                versions_seen = set()
+                for o in outs:
+                    hits = [j for j, e in enumerate(expected) if torch.allclose(o, e, atol=1e-5, rtol=0)]
+                    if not hits:  # the initial weights, before any update
+                        assert torch.allclose(o, outs[0], atol=1e-5, rtol=0), \
+                            f"subscriber {i}: an output matches no published version (torn read)"
+                        assert not versions_seen, "initial-weight output after an update"
+                        continue
+                    assert len(hits) == 1
+                    versions_seen.add(hits[0])
+                assert len(versions_seen) >= 3  # it really saw several versions switch under it
+    finally:
+        pub.close()
+
+
+def test_subscriber_killed_mid_transfer_others_commit(coord, monkeypatch):
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    src = make_model(3, width=128)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=3)
+    mid = ctx.Event()
+    try:
+        with children(subscriber, coord, [{"versions": 1, "width": 128},
+                                          {"versions": 1, "width": 128, "sleep_at_bucket": 3,
+                                           "mid_event": mid}],
+                      q, stop) as procs:
+            pids = dict(get(q, "ready")[1::2] for _ in range(2))
+            t0 = time.monotonic()
+            import threading
+
+            result = {}
+            th = threading.Thread(target=lambda: result.update(r=pub.publish("v1")))
+            th.start()
+            assert mid.wait(60)
+            os.kill(pids[1], signal.SIGKILL)
+            th.join(60)
+            assert "r" in result, "publish did not finish after a subscriber died"
+            assert result["r"].state == "committed"
+            _, i, v, state, *_ = get(q, "applied")
+            assert i == 0 and same_state(state, snapshot(src))
+            assert procs[1].exitcode == -signal.SIGKILL or not procs[1].is_alive()
+            # the dead subscriber's handles expire and every slot comes back
+            end = time.monotonic() + 15
+            while len(pub._free) != pub.slots and time.monotonic() < end:
+                time.sleep(0.1)
+            assert sorted(pub._free) == list(range(pub.slots))
+            assert time.monotonic() - t0 < 60
+    finally:
+        pub.close()
+    gc.collect()
+    assert hotweights_fds() == []  # the ring's memfd is gone with the publisher
+    assert "hotweights:pub-m" not in open("/proc/self/maps").read()
+
+
+def test_publisher_killed_mid_version_then_new_session(coord):
+    ctx = mp.get_context("spawn")
+    q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
+    model = make_model(55)
+    h = model.register_hotweights(name="m", endpoint=coord, commit="manual", swap="storage")
+    try:
+        with children(publisher, coord, [{"sleep_at_bucket": 2, "mid_event": mid}], q, stop) as procs:
+            _, _, v1, pub_state = get(q, "published")
+            h.wait(v1, timeout=30)
+            assert same_state(snapshot(model), pub_state)
+            stop.set()  # let the child start v2
+            assert mid.wait(60)
+            os.kill(procs[0].pid, signal.SIGKILL)
+            procs[0].join(10)
+        client = Client(coord)
+        end = time.monotonic() + 20
+        while client.version("m")["state"] == "transferring" and time.monotonic() < end:
+            time.sleep(0.1)
+        info = client.version("m")
+        assert info["state"] == "aborted" and "publisher" in info["reason"]
+        time.sleep(0.5)
+        assert h.version == v1 and h.staged_version is None
+        assert same_state(snapshot(model), pub_state)  # the old version stays live
+        end = time.monotonic() + 10
+        while h._sub._rings and time.monotonic() < end:  # the dead publisher's ring is unmapped
+            time.sleep(0.1)
+        assert not h._sub._rings
+        # a new publisher session works
+        src = make_model(77)
+        with hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096) as pub:
+            r = pub.publish("new session")
+            h.wait(r.version, timeout=30)
+            assert same_state(snapshot(model), snapshot(src))
+        client.close()
+    finally:
+        h.close()
+
+
+def test_corrupted_slot_is_resent_never_applied(coord):
+    src = make_model(11)
+    dst = make_model(12)
+    before = snapshot(dst)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=2)
+    h = dst.register_hotweights(name="m", endpoint=coord, commit="manual")
+    try:
+        def corrupt_once(b, slot, attempt):
+            if b == 1 and attempt == 1:
+                slot[100] ^= 0xFF
+
+        pub.after_gather = corrupt_once
+        r = pub.publish("v1")
+        assert r.retries == 1
+        h.wait(r.version, timeout=30)
+        assert h._sub.stats["nacks"] == 1
+        assert same_state(snapshot(dst), snapshot(src))
+        # persistent corruption: the version aborts, the subscriber keeps what it had
+        good = snapshot(dst)
+        with torch.no_grad():
+            src[0].weight.add_(1)
+
+        def corrupt_always(b, slot, attempt):
+            slot[0] ^= 0x01
+
+        pub.after_gather = corrupt_always
+        with pytest.raises(hotweights.PublishError, match="failed 3 times.*checksum mismatch"):
+            pub.publish("v2")
+        time.sleep(0.3)
+        assert h.version == r.version and same_state(snapshot(dst), good)
+        assert not same_state(snapshot(dst), before)
+    finally:
+        h.close()
+        pub.close()
+
+
+def test_mismatched_model_refuses_and_stays_untouched(coord):
+    src = make_model(5)
+    good = make_model(6)
+    bad = make_model(6, width=48)  # different shapes
+    bad_before = snapshot(bad)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192)
+    hg = good.register_hotweights(name="m", endpoint=coord, commit="manual")
+    hb = bad.register_hotweights(name="m", endpoint=coord, commit="manual")
+    try:
+        r = pub.publish("v1")
+        assert r.state == "committed"
+        hg.wait(r.version, timeout=30)
+        assert same_state(snapshot(good), snapshot(src))
+        with pytest.raises(UpdateError, match=r"model does not match the version: '0.weight': "
+                                              r"the model has float32\(48, 32\), the version has float32\(64, 32\)"):
+            hb.wait(r.version, timeout=10)
+        assert same_state(snapshot(bad), bad_before) and hb.version is None
+        info = Client(coord).version("m", r.version)
+        assert hb.client_id in info["rejected"]
+    finally:
+        hg.close()
+        hb.close()
+        pub.close()
+
+
+def test_consumer_sets_receive_only_their_tensors(coord):
+    src = make_model(8)
+    a, b = make_model(9), make_model(10)
+    b_before = snapshot(b)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096)
+    ha = a.register_hotweights(name="m", endpoint=coord, commit="manual", consumer=["0.*"])
+    hb = b.register_hotweights(name="m", endpoint=coord, commit="manual", consumer=["4.weight"])
+    try:
+        r = pub.publish("v1")
+        ha.wait(r.version, timeout=30)
+        hb.wait(r.version, timeout=30)
+        assert ha.last_commit.changed == ["0.weight", "0.bias"]
+        assert hb.last_commit.changed == ["4.weight"]
+        assert hb.last_commit.bytes == src[4].weight.numel() * 4
+        sb = snapshot(b)
+        assert torch.equal(sb["4.weight"], src[4].weight) and torch.equal(sb["4.bias"], b_before["4.bias"])
+    finally:
+        ha.close()
+        hb.close()
+        pub.close()
