@@ -19,17 +19,18 @@ namespace cuda {
 // contiguous rows of inner * element_size bytes, and is independent of the dtype. The output
 // of the out-of-place op is allocated with the input's strides, so it has the same geometry.
 
-/// dst[o][j][:] = src[o][map[j]][:] for rows of row_bytes bytes; map is a device int32[heads]
-/// with entries in [0, heads). src and dst must not overlap.
+/// dst[o][j][:] = src[o][map[j]][:] for rows of row_bytes bytes. map is a HOST int32[heads]
+/// with entries in [0, heads), read before the call returns (it travels as a kernel parameter,
+/// or as a stream-ordered device copy for many heads). src and dst must not overlap.
 void launch_remap_heads(const void* src, void* dst, int64_t outer, int64_t heads,
-                        int64_t row_bytes, const int32_t* map, void* stream);
+                        int64_t row_bytes, const int32_t* host_map, void* stream);
 
-/// In place: data[o][j][:] = (old data)[o][map[j]][:]; map must be a permutation. Each block
+/// In place: data[o][j][:] = (old data)[o][map[j]][:]; map (host) must be a permutation. Each block
 /// stages whole [o][*][tile] slabs in shared memory, so every byte is read and written once.
 /// Returns false (and queues nothing) when heads is too large for a slab to fit in shared
 /// memory; the caller then stages through a temporary buffer.
 bool launch_remap_heads_inplace(void* data, int64_t outer, int64_t heads, int64_t row_bytes,
-                                const int32_t* map, void* stream);
+                                const int32_t* host_map, void* stream);
 
 enum class KvFloat : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "cuda/check.h"
@@ -40,13 +41,60 @@ int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
   return 1;
 }
 
+// The head map reaches the kernels as a kernel parameter for up to kParamHeads heads (staged in
+// shared memory by each block), else as a stream-ordered device copy: no allocation, no copy
+// and no stream synchronization for the common case.
+constexpr int kParamHeads = 256;
+struct MapArg {
+  int32_t m[kParamHeads];
+};
+
+class MapSource {
+ public:
+  MapSource(const int32_t* host, int64_t heads, cudaStream_t stream) : stream_(stream) {
+    if (heads <= kParamHeads) {
+      std::memcpy(param_.m, host, static_cast<size_t>(heads) * sizeof(int32_t));
+    } else {
+      const size_t bytes = static_cast<size_t>(heads) * sizeof(int32_t);
+      HW_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&dev_), bytes, stream));
+      // From pageable memory: staged before the call returns, so `host` may go away.
+      HW_CUDA_CHECK(cudaMemcpyAsync(dev_, host, bytes, cudaMemcpyHostToDevice, stream));
+    }
+  }
+  ~MapSource() {
+    if (dev_) cudaFreeAsync(dev_, stream_);  // stream-ordered after the kernel
+  }
+  MapSource(const MapSource&) = delete;
+  MapSource& operator=(const MapSource&) = delete;
+  const MapArg& param() const { return param_; }
+  const int32_t* device() const { return dev_; }
+
+ private:
+  MapArg param_{};
+  int32_t* dev_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// Returns where this block reads map[j]: its shared copy of the parameter, or global memory.
+// `global == nullptr` is uniform over the block, so the barrier is safe.
+__device__ __forceinline__ const int32_t* stage_map(const MapArg& param, const int32_t* global,
+                                                    int64_t heads, int32_t* shared) {
+  if (global != nullptr) return global;
+  for (int64_t i = threadIdx.x; i < heads; i += blockDim.x) shared[i] = param.m[i];
+  __syncthreads();
+  return shared;
+}
+
 // ---------------------------------------------------------------- gather (out of place)
 
 // One thread moves kUnroll vectors per iteration: all loads are issued before the stores so
 // that several requests are in flight per thread. Idx is uint32 when everything fits.
 template <typename V, typename Idx>
 __global__ void remap_heads_kernel(const V* __restrict__ src, V* __restrict__ dst, Idx total,
-                                   Idx row_vecs, Idx heads, const int32_t* __restrict__ map) {
+                                   Idx row_vecs, Idx heads, const MapArg pmap,
+                                   const int32_t* __restrict__ gmap) {
+  __shared__ int32_t smap[kParamHeads];
+  const int32_t* map = stage_map(pmap, gmap, static_cast<int64_t>(heads), smap);
   const Idx stride = static_cast<Idx>(gridDim.x) * blockDim.x;
   for (Idx base = static_cast<Idx>(blockIdx.x) * blockDim.x + threadIdx.x; base < total;
        base += stride * kUnroll) {
@@ -59,7 +107,7 @@ __global__ void remap_heads_kernel(const V* __restrict__ src, V* __restrict__ ds
         const Idx col = i - row * row_vecs;
         const Idx o = row / heads;
         const Idx j = row - o * heads;
-        v[u] = src[(o * heads + static_cast<Idx>(__ldg(map + j))) * row_vecs + col];
+        v[u] = src[(o * heads + static_cast<Idx>(map[j])) * row_vecs + col];
       }
     }
 #pragma unroll
@@ -72,7 +120,7 @@ __global__ void remap_heads_kernel(const V* __restrict__ src, V* __restrict__ ds
 
 template <typename V>
 void remap_typed(const void* src, void* dst, int64_t outer, int64_t heads, int64_t row_bytes,
-                 const int32_t* map, cudaStream_t stream) {
+                 const MapSource& map, cudaStream_t stream) {
   const int64_t row_vecs = row_bytes / static_cast<int64_t>(sizeof(V));
   const int64_t total = outer * heads * row_vecs;
   const int blocks = blocks_for((total + kUnroll - 1) / kUnroll);
@@ -80,11 +128,13 @@ void remap_typed(const void* src, void* dst, int64_t outer, int64_t heads, int64
   if (total < (int64_t{1} << 31)) {
     remap_heads_kernel<V, uint32_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const V*>(src), static_cast<V*>(dst), static_cast<uint32_t>(total),
-        static_cast<uint32_t>(row_vecs), static_cast<uint32_t>(heads), map);
+        static_cast<uint32_t>(row_vecs), static_cast<uint32_t>(heads), map.param(),
+        map.device());
   } else {
     remap_heads_kernel<V, uint64_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const V*>(src), static_cast<V*>(dst), static_cast<uint64_t>(total),
-        static_cast<uint64_t>(row_vecs), static_cast<uint64_t>(heads), map);
+        static_cast<uint64_t>(row_vecs), static_cast<uint64_t>(heads), map.param(),
+        map.device());
   }
   HW_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -98,8 +148,10 @@ void remap_typed(const void* src, void* dst, int64_t outer, int64_t heads, int64
 template <typename V>
 __global__ void remap_heads_inplace_kernel(V* __restrict__ data, int64_t outer, int32_t heads,
                                            int64_t row_vecs, int32_t tile_vecs, int32_t group,
-                                           int64_t n_tiles, int64_t units,
-                                           const int32_t* __restrict__ map) {
+                                           int64_t n_tiles, int64_t units, const MapArg pmap,
+                                           const int32_t* __restrict__ gmap) {
+  __shared__ int32_t smap[kParamHeads];
+  const int32_t* map = stage_map(pmap, gmap, heads, smap);
   extern __shared__ __align__(16) unsigned char slab_raw[];
   V* slab = reinterpret_cast<V*>(slab_raw);
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
@@ -123,7 +175,7 @@ __global__ void remap_heads_inplace_kernel(V* __restrict__ data, int64_t outer, 
       const int32_t rem = k - oo * per_o;
       const int32_t j = rem / nv;
       const int32_t c = rem - j * nv;
-      data[((o0 + oo) * heads + j) * row_vecs + v0 + c] = slab[oo * per_o + __ldg(map + j) * nv + c];
+      data[((o0 + oo) * heads + j) * row_vecs + v0 + c] = slab[oo * per_o + map[j] * nv + c];
     }
     __syncthreads();  // the slab is refilled by the next unit
   }
@@ -131,7 +183,7 @@ __global__ void remap_heads_inplace_kernel(V* __restrict__ data, int64_t outer, 
 
 template <typename V>
 bool remap_inplace_typed(void* data, int64_t outer, int64_t heads, int64_t row_bytes,
-                         const int32_t* map, cudaStream_t stream) {
+                         const MapSource& map, cudaStream_t stream) {
   constexpr int64_t vb = sizeof(V);
   const int64_t row_vecs = row_bytes / vb;
   const int64_t slab_vecs = kSlabBytes / vb;
@@ -152,7 +204,8 @@ bool remap_inplace_typed(void* data, int64_t outer, int64_t heads, int64_t row_b
       units, blocks_for(units * kThreads))));
   remap_heads_inplace_kernel<V><<<blocks, kThreads, smem, stream>>>(
       static_cast<V*>(data), outer, static_cast<int32_t>(heads), row_vecs,
-      static_cast<int32_t>(tile_vecs), static_cast<int32_t>(group), n_tiles, units, map);
+      static_cast<int32_t>(tile_vecs), static_cast<int32_t>(group), n_tiles, units,
+      map.param(), map.device());
   HW_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -295,9 +348,10 @@ void requantize_typed(const uint8_t* q, uint8_t* out, int64_t n, const float* s_
 }  // namespace
 
 void launch_remap_heads(const void* src, void* dst, int64_t outer, int64_t heads,
-                        int64_t row_bytes, const int32_t* map, void* stream_) {
+                        int64_t row_bytes, const int32_t* host_map, void* stream_) {
   if (outer == 0 || heads == 0 || row_bytes == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_);
+  const MapSource map(host_map, heads, stream);
   switch (vector_bytes(row_bytes, src, dst)) {
     case 16: return remap_typed<uint4>(src, dst, outer, heads, row_bytes, map, stream);
     case 8: return remap_typed<uint2>(src, dst, outer, heads, row_bytes, map, stream);
@@ -308,9 +362,11 @@ void launch_remap_heads(const void* src, void* dst, int64_t outer, int64_t heads
 }
 
 bool launch_remap_heads_inplace(void* data, int64_t outer, int64_t heads, int64_t row_bytes,
-                                const int32_t* map, void* stream_) {
+                                const int32_t* host_map, void* stream_) {
   if (outer == 0 || heads == 0 || row_bytes == 0) return true;
   auto stream = static_cast<cudaStream_t>(stream_);
+  if (heads > kSlabBytes) return false;  // cannot fit even at 1-byte rows; caller stages
+  const MapSource map(host_map, heads, stream);
   switch (vector_bytes(row_bytes, data, data)) {
     case 16: return remap_inplace_typed<uint4>(data, outer, heads, row_bytes, map, stream);
     case 8: return remap_inplace_typed<uint2>(data, outer, heads, row_bytes, map, stream);

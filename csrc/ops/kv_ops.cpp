@@ -413,12 +413,6 @@ void check_cuda(const at::Tensor& t, const char* op, const char* what) {
               " while another argument is on a GPU; expected ", what, " on the GPU");
 }
 
-at::Tensor device_map(const std::vector<int32_t>& map, const at::Device& dev) {
-  at::Tensor host = at::empty({static_cast<int64_t>(map.size())}, at::TensorOptions(at::kInt));
-  std::memcpy(host.data_ptr<int32_t>(), map.data(), map.size() * sizeof(int32_t));
-  return host.to(dev, at::kInt);
-}
-
 void* stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
@@ -433,10 +427,8 @@ at::Tensor remap_kv_heads_cuda(const at::Tensor& kv, const at::Tensor& head_map,
   if (kv.numel() == 0) return out;
   const at::Tensor src = dense_like(kv);
   const auto g = head_geometry(src, axis);
-  const at::Tensor dmap = device_map(map, kv.device());
   hw::cuda::launch_remap_heads(src.data_ptr(), out.data_ptr(), g.outer, g.heads,
-                               g.inner * src.element_size(), dmap.data_ptr<int32_t>(),
-                               stream_of(kv));
+                               g.inner * src.element_size(), map.data(), stream_of(kv));
   return out;
 }
 
@@ -453,14 +445,13 @@ void remap_kv_heads_inplace_cuda(const at::Tensor& kv, const at::Tensor& head_ma
   if (identity) return;
   at::Tensor work = dense_like(kv);
   const auto g = head_geometry(work, axis);
-  const at::Tensor dmap = device_map(map, kv.device());
   const int64_t row_bytes = g.inner * work.element_size();
   if (!hw::cuda::launch_remap_heads_inplace(work.data_ptr(), g.outer, g.heads, row_bytes,
-                                            dmap.data_ptr<int32_t>(), stream_of(kv))) {
+                                            map.data(), stream_of(kv))) {
     // Too many heads for a shared-memory slab: gather into a temporary and copy back.
     at::Tensor tmp = at::empty_like(work);
     hw::cuda::launch_remap_heads(work.data_ptr(), tmp.data_ptr(), g.outer, g.heads, row_bytes,
-                                 dmap.data_ptr<int32_t>(), stream_of(kv));
+                                 map.data(), stream_of(kv));
     work.copy_(tmp);
   }
   if (!work.is_same(kv)) kv.copy_(work);
