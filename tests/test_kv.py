@@ -108,6 +108,17 @@ def test_remap_gather_identity_single_head_empty(device):
     assert torch.equal(ops.remap_kv_heads(x, mt, 3), x.index_select(3, mt))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads", [300, 2100])  # CUDA: map in device memory; > 2048: staged
+def test_remap_many_heads(device, heads):
+    x = _rand((3, heads, 4), torch.float32, device)  # 16-byte rows
+    m = _perm(heads, heads)
+    ref = x.index_select(1, torch.tensor(m, device=device))
+    assert torch.equal(kv.remap_kv_heads(x, m, head_axis=1), ref)
+    kv.remap_kv_heads(x, m, head_axis=1, inplace=True)
+    assert torch.equal(x, ref)
+
+
 def test_remap_errors_name_values():
     x = torch.zeros(LAYOUT_SHAPES["vllm_flash"])
     with pytest.raises(ValueError, match=r"head_map has 6 entries, expected num_kv_heads=8 "
