@@ -408,3 +408,102 @@ def _hash_base(offsets: np.ndarray, op: str) -> np.ndarray:
         raise ValueError(f"{op}: tensor offset {offsets[i]} of piece {i} is not a multiple of 8 "
                          "(needed to hash)")
     return offsets // 8
+
+
+# --------------------------------------------------------------------------- KV-cache ops
+# Thin typed doors to the ops of csrc/ops/kv_ops.cpp; hotweights.kv builds the API (named
+# layouts, head maps, RoPE configs, the keep/transform/invalidate plan) on top of them.
+
+__all__ += ["remap_kv_heads", "remap_kv_heads_", "rerotate_rope", "requantize_fp8"]
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _kv_axis(t: torch.Tensor, axis: int, op: str, arg: str, what: str) -> int:
+    d = t.dim()
+    torch._check(d > 0, lambda: f"hotweights::{op}: {what} is 0-d; expected a tensor with a {arg}")
+    torch._check(
+        -d <= axis < d,
+        lambda: f"hotweights::{op}: {arg}={axis} is out of range for {what} of shape "
+        f"{list(t.shape)} (expected {-d} <= {arg} < {d})",
+    )
+    return axis % d
+
+
+def _check_head_map_meta(kv: torch.Tensor, head_map: torch.Tensor, head_axis: int, op: str):
+    axis = _kv_axis(kv, head_axis, op, "head_axis", "the cache")
+    torch._check(head_map.dtype == torch.long, lambda: f"hotweights::{op}: head_map must be "
+                 f"int64 (torch.long), got {head_map.dtype}")
+    torch._check(head_map.dim() == 1, lambda: f"hotweights::{op}: head_map must be 1-D, got "
+                 f"shape {list(head_map.shape)}")
+    torch._check(
+        head_map.shape[0] == kv.shape[axis],
+        lambda: f"hotweights::{op}: head_map has {head_map.shape[0]} entries, expected "
+        f"num_kv_heads={kv.shape[axis]} (the size of axis {axis} of a cache of shape "
+        f"{list(kv.shape)})",
+    )
+
+
+@torch.library.register_fake("hotweights::remap_kv_heads")
+def _remap_kv_heads_fake(kv, head_map, head_axis):
+    _check_head_map_meta(kv, head_map, head_axis, "remap_kv_heads")
+    return torch.empty_like(kv)
+
+
+@torch.library.register_fake("hotweights::remap_kv_heads_")
+def _remap_kv_heads_inplace_fake(kv, head_map, head_axis):
+    _check_head_map_meta(kv, head_map, head_axis, "remap_kv_heads_")
+    return None
+
+
+@torch.library.register_fake("hotweights::rerotate_rope")
+def _rerotate_rope_fake(k, positions, old_inv_freq, new_inv_freq, scale, neox):
+    torch._check(k.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: "hotweights::rerotate_rope: k must be float32, float16 or bfloat16, "
+                 f"got {k.dtype}")
+    torch._check(old_inv_freq.dtype == torch.float32 and new_inv_freq.dtype == torch.float32,
+                 lambda: "hotweights::rerotate_rope: old_inv_freq and new_inv_freq must be float32")
+    torch._check(old_inv_freq.shape == new_inv_freq.shape and old_inv_freq.dim() == 1,
+                 lambda: "hotweights::rerotate_rope: old_inv_freq and new_inv_freq must be 1-D "
+                 "of the same length")
+    torch._check(2 * old_inv_freq.shape[0] <= k.shape[-1],
+                 lambda: f"hotweights::rerotate_rope: rotary dim {2 * old_inv_freq.shape[0]} > "
+                 f"head_dim={k.shape[-1]}")
+    return k.new_empty(k.shape)
+
+
+@torch.library.register_fake("hotweights::requantize_fp8")
+def _requantize_fp8_fake(q, s_old, s_new, head_axis):
+    torch._check(q.dtype in _FP8_DTYPES, lambda: "hotweights::requantize_fp8: q must be "
+                 f"float8_e4m3fn or float8_e5m2, got {q.dtype}")
+    axis = _kv_axis(q, head_axis, "requantize_fp8", "head_axis", "q")
+    for name, s in (("s_old", s_old), ("s_new", s_new)):
+        torch._check(s.numel() == 1 or (s.dim() == 1 and s.shape[0] == q.shape[axis]),
+                     lambda: f"hotweights::requantize_fp8: {name} has shape {list(s.shape)}, "
+                     f"expected a per-tensor or a per-head scale of length {q.shape[axis]}")
+    return torch.empty_like(q)
+
+
+def remap_kv_heads(kv: torch.Tensor, head_map: torch.Tensor, head_axis: int) -> torch.Tensor:
+    """``out.select(head_axis, j) = kv.select(head_axis, head_map[j])`` (a gather; new tensor)."""
+    return torch.ops.hotweights.remap_kv_heads(kv, head_map, int(head_axis))
+
+
+def remap_kv_heads_(kv: torch.Tensor, head_map: torch.Tensor, head_axis: int) -> torch.Tensor:
+    """In-place :func:`remap_kv_heads`; ``head_map`` must be a permutation. Returns ``kv``."""
+    torch.ops.hotweights.remap_kv_heads_(kv, head_map, int(head_axis))
+    return kv
+
+
+def rerotate_rope(k: torch.Tensor, positions: torch.Tensor, old_inv_freq: torch.Tensor,
+                  new_inv_freq: torch.Tensor, scale: float = 1.0,
+                  neox: bool = True) -> torch.Tensor:
+    """Re-rotates RoPE'd keys (last axis = head_dim) from old to new inverse frequencies (fp32)."""
+    return torch.ops.hotweights.rerotate_rope(k, positions, old_inv_freq, new_inv_freq,
+                                              float(scale), bool(neox))
+
+
+def requantize_fp8(q: torch.Tensor, s_old: torch.Tensor, s_new: torch.Tensor,
+                   head_axis: int = 0) -> torch.Tensor:
+    """``fp8(dequant(q) * s_old / s_new)`` saturated; per-tensor or per-head scales (head_axis)."""
+    return torch.ops.hotweights.requantize_fp8(q, s_old, s_new, int(head_axis))
