@@ -217,6 +217,7 @@ _SETTINGS: tuple[Setting, ...] = (
     # training
     _s("opt_policy", "preserve", _choice("preserve", "reset", "attenuate", "reset_step"), "Optimizer-state policy for changed parameters at commit.", "training"),
     _s("opt_attenuation", 0.5, _float(0, 1, lo_open=True), "Factor for opt_policy=attenuate (scales the first moment).", "training"),
+    _s("opt_warmup_steps", 0, _int(0, 1_000_000), "LR ramp (steps) for parameters whose optimizer state a commit resets; 0 = none.", "training"),
     # KV cache
     _s("kv_head_order", "grouped", _choice("grouped", "interleaved"), "Query-to-KV head assignment of the model.", "kv"),
     _s("kv_head_map", None, _head_map, "Inline JSON KV-head permutation, e.g. [1,0,3,2].", "kv"),
