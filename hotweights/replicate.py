@@ -103,6 +103,8 @@ class _Transfer:
         self.retry: list[int] = []          # buckets to send again
         self.failed: str | None = None      # reason to abort
         self.posted = 0
+        self.acked_bytes = 0
+        self.progress: Callable[[int, int], None] | None = None
         self.done = threading.Event()
 
 
@@ -172,16 +174,19 @@ class Publisher:
 
     # ------------------------------------------------------------------ publish
 
-    def publish(self, label: str | None = None, *, timeout: float | None = None) -> PublishResult:
+    def publish(self, label: str | None = None, *, timeout: float | None = None,
+                progress: Callable[[int, int], None] | None = None) -> PublishResult:
         """Publishes the source's current tensors as the next version and waits until the
         quorum committed it. Returns what moved and the timings; raises PublishError when the
-        version is aborted. The source must not be modified until this returns."""
+        version is aborted. The source must not be modified until this returns.
+        ``progress(bytes_acked, bytes_total)`` is called as buckets are acknowledged."""
         with self._lock:
             if self._closed:
                 raise PublishError("publisher is closed")
-            return self._publish(label, timeout if timeout is not None else self.cfg.version_timeout_s)
+            return self._publish(label, timeout if timeout is not None else self.cfg.version_timeout_s,
+                                 progress)
 
-    def _publish(self, label, timeout) -> PublishResult:
+    def _publish(self, label, timeout, progress=None) -> PublishResult:
         t0 = time.perf_counter()
         tensors = _tensors_of(self._source)
         if _device_of(tensors) != self.device:
@@ -205,6 +210,7 @@ class Publisher:
         plan.version = version
         self._manifests[version] = manifest
         xfer = _Transfer(version, plan)
+        xfer.progress = progress
         with self._cv:
             self._transfer = xfer
         try:
@@ -374,6 +380,9 @@ class Publisher:
                         self._free.append(slot)
                         if rel["reason"] == "acked":
                             self.window.on_complete(time.monotonic(), max(now - t_post, 1e-6), max(nbytes, 1))
+                            xfer.acked_bytes += int(xfer.plan.piece_length[xfer.plan.pieces(b)].sum())
+                            if xfer.progress is not None:
+                                xfer.progress(xfer.acked_bytes, xfer.plan.total_bytes)
                         elif xfer is self._transfer and not xfer.failed:
                             self._handle_failure(xfer, b, rel)
                     self._cv.notify_all()
