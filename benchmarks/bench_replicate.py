@@ -1,0 +1,453 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Replication speed: 1 publisher -> 2 subscriber processes, against baselines from the same run.
+
+CPU (default): a 1 GiB fp32 model in 200 tensors.
+  - hotweights full update (every tensor changed), publish -> all committed
+  - memcpy floor: the copies that cannot be avoided (the publisher's snapshot of 1 GiB and each
+    subscriber's 1 GiB into its staging), run concurrently in 3 threads as the pipeline would
+  - torch.distributed.broadcast over gloo (3 ranks, per tensor)
+  - mpi4py Bcast of the same arrays (mpirun -n 3, per tensor)
+  - a naive per-tensor send over ZeroMQ (PUSH to each subscriber, copy into its tensors)
+  - delta: 1% of the tensors changed, vs the full update
+  - commit pause: swap="storage" vs "inplace" (vs one memcpy of the changed bytes)
+CUDA (--device cuda): same-GPU two-process update of an 8 GiB model vs device copy bandwidth and
+vs handing each tensor over with torch.multiprocessing CUDA IPC reductions.
+
+    python benchmarks/bench_replicate.py [--quick] [--mib 1024] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import finish, parser  # noqa: E402
+
+N_TENSORS = 200
+
+
+class Bag(torch.nn.Module):
+    """A model that is just N parameters (1-D, equal sizes)."""
+
+    def __init__(self, n: int, numel: int, seed: int, device: str = "cpu"):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        for i in range(n):
+            t = torch.empty(numel, device=device)
+            if device == "cpu":
+                t.normal_(generator=g)
+            else:
+                t.normal_()
+            self.register_parameter(f"w{i:03d}", torch.nn.Parameter(t, requires_grad=False))
+
+
+def _env(n_threads=1):
+    torch.set_num_threads(n_threads)
+
+
+# ----------------------------------------------------------------------------- hotweights
+
+
+def _hw_subscriber(i, endpoint, n, numel, swap, device, q, stop):
+    import hotweights
+
+    _env()
+    if device.startswith("cuda"):
+        torch.cuda.set_device(0)
+    model = Bag(n, numel, 100 + i, device)
+    h = model.register_hotweights(name="bench", endpoint=endpoint, commit="manual", swap=swap)
+    q.put(("ready", i))
+    try:
+        while not stop.is_set():
+            try:
+                v = h.wait(timeout=1.0)
+            except TimeoutError:
+                continue
+            q.put(("applied", i, v, h.last_commit.timings["pause_s"], h.last_commit.bytes))
+    finally:
+        h.close()
+
+
+def run_hotweights(mib: int, device: str, subscribers: int = 2):
+    import hotweights
+    from hotweights.coordinator import start_embedded
+
+    numel = mib * 2**20 // 4 // N_TENSORS
+    coord = start_embedded()
+    src = Bag(N_TENSORS, numel, 1, device)
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    swaps = ["storage", "inplace"]
+    procs = [ctx.Process(target=_hw_subscriber, args=(i, coord.endpoint, N_TENSORS, numel,
+                                                      swaps[i % 2], device, q, stop), daemon=True)
+             for i in range(subscribers)]
+    for p in procs:
+        p.start()
+    pub = hotweights.Publisher(src, name="bench", endpoint=coord.endpoint, serve_late=False)
+    out = {}
+    try:
+        for _ in procs:
+            assert q.get(timeout=120)[0] == "ready"
+
+        def publish(label, change):
+            with torch.no_grad():
+                for i, p in enumerate(src.parameters()):
+                    if change(i):
+                        p.add_(1.0)
+            t0 = time.perf_counter()
+            r = pub.publish(label)
+            t = time.perf_counter() - t0
+            pauses = {}
+            while len(pauses) < subscribers:
+                msg = q.get(timeout=300)
+                if msg[0] == "applied" and msg[2] == r.version:
+                    pauses[msg[1]] = msg[3]
+            return t, r, pauses
+
+        publish("warm-up", lambda i: True)  # first touch of staging and rings
+        t_full, r_full, p_full = min((publish("full", lambda i: True) for _ in range(3)), key=lambda x: x[0])
+        k = max(1, N_TENSORS // 100)
+        t_delta, r_delta, _ = min((publish("delta", lambda i: i < k) for _ in range(3)), key=lambda x: x[0])
+        out = {"full_s": t_full, "full_bytes": r_full.bytes, "timings": r_full.timings,
+               "delta_s": t_delta, "delta_bytes": r_delta.bytes,
+               "pause_storage_s": p_full.get(0), "pause_inplace_s": p_full.get(1),
+               "window": pub.window.estimates(), "window_current": pub.window.current}
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+        pub.close()
+        coord.stop()
+    return out
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def memcpy_floor(mib: int, parties: int = 3) -> float:
+    """Wall time of the unavoidable copies run concurrently: the publisher's snapshot and each
+    subscriber's copy into its staging (ctypes releases the GIL, so threads run in parallel)."""
+    n = mib * 2**20
+    bufs = [(np.ones(n, np.uint8), np.zeros(n, np.uint8)) for _ in range(parties)]
+    for s, d in bufs:  # fault every page in first
+        ctypes.memmove(d.ctypes.data, s.ctypes.data, n)
+
+    def run():
+        ts = [threading.Thread(target=ctypes.memmove, args=(d.ctypes.data, s.ctypes.data, n))
+              for s, d in bufs]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return time.perf_counter() - t0
+
+    return min(run() for _ in range(3))
+
+
+def memcpy_time(nbytes: int) -> float:
+    s, d = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    ctypes.memmove(d.ctypes.data, s.ctypes.data, nbytes)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ctypes.memmove(d.ctypes.data, s.ctypes.data, nbytes)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _gloo_rank(rank, world, port, numel, q):
+    import torch.distributed as dist
+
+    _env()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ts = [torch.full((numel,), float(rank)) for _ in range(N_TENSORS)]
+    best = float("inf")
+    for _ in range(3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for t in ts:
+            dist.broadcast(t, 0)
+        dist.barrier()
+        best = min(best, time.perf_counter() - t0)
+    if rank == 0:
+        q.put(best)
+    dist.destroy_process_group()
+
+
+def gloo_broadcast(mib: int) -> float:
+    import socket
+
+    numel = mib * 2**20 // 4 // N_TENSORS
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_gloo_rank, args=(r, 3, port, numel, q), daemon=True) for r in range(3)]
+    for p in ps:
+        p.start()
+    try:
+        return q.get(timeout=600)
+    finally:
+        for p in ps:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+
+
+MPI_SCRIPT = r"""
+import sys, time, numpy as np
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+numel, n = int(sys.argv[1]), int(sys.argv[2])
+arrs = [np.full(numel, comm.rank, np.float32) for _ in range(n)]
+best = 1e9
+for _ in range(3):
+    comm.Barrier(); t0 = time.perf_counter()
+    for a in arrs:
+        comm.Bcast(a, root=0)
+    comm.Barrier(); best = min(best, time.perf_counter() - t0)
+assert all((a == 0).all() for a in arrs)
+if comm.rank == 0:
+    print(best)
+"""
+
+
+def mpi_bcast(mib: int) -> float | None:
+    if not shutil.which("mpirun"):
+        return None
+    numel = mib * 2**20 // 4 // N_TENSORS
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(MPI_SCRIPT)
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    try:
+        out = subprocess.run(["mpirun", "--oversubscribe", "-n", "3", sys.executable, f.name,
+                              str(numel), str(N_TENSORS)], capture_output=True, text=True,
+                             timeout=600, env=env, stdin=subprocess.DEVNULL)
+        if out.returncode != 0:
+            print("mpi baseline failed:", out.stderr[-500:], file=sys.stderr)
+            return None
+        return float(out.stdout.strip().splitlines()[-1])
+    finally:
+        os.unlink(f.name)
+
+
+def _zmq_sub(i, port, numel, q):
+    import zmq
+
+    _env()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.connect(f"tcp://127.0.0.1:{port + i}")
+    ts = [torch.zeros(numel) for _ in range(N_TENSORS)]
+    q.put("ready")
+    while True:
+        msg = s.recv_multipart()
+        if msg[0] == b"stop":
+            break
+        for k in range(N_TENSORS):
+            name, payload = s.recv_multipart() if k else msg
+            ts[int(name)].copy_(torch.frombuffer(payload, dtype=torch.float32))
+        q.put("done")
+    ctx.destroy(0)
+
+
+def zmq_naive(mib: int) -> float:
+    import socket
+
+    import zmq
+
+    numel = mib * 2**20 // 4 // N_TENSORS
+    with socket.socket() as s1, socket.socket() as s2:
+        s1.bind(("127.0.0.1", 0))
+        port = s1.getsockname()[1]
+    ctx = zmq.Context()
+    pushes = []
+    for i in range(2):
+        p = ctx.socket(zmq.PUSH)
+        p.bind(f"tcp://127.0.0.1:{port + i}")
+        pushes.append(p)
+    mctx = mp.get_context("spawn")
+    q = mctx.Queue()
+    ps = [mctx.Process(target=_zmq_sub, args=(i, port, numel, q), daemon=True) for i in range(2)]
+    for p in ps:
+        p.start()
+    src = [torch.randn(numel) for _ in range(N_TENSORS)]
+    try:
+        for _ in ps:
+            q.get(timeout=120)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for p in pushes:
+                for k, t in enumerate(src):
+                    p.send_multipart([str(k).encode(), t.numpy().tobytes()])
+            for _ in ps:
+                q.get(timeout=600)
+            best = min(best, time.perf_counter() - t0)
+        for p in pushes:
+            p.send_multipart([b"stop"])
+        return best
+    finally:
+        for p in ps:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        ctx.destroy(0)
+
+
+def commit_pauses(mib: int) -> dict:
+    """Apply pause in-process for swap=storage and swap=inplace at two sizes, and one memcpy of
+    the changed bytes as the inplace reference."""
+    import hotweights
+    from hotweights.coordinator import start_embedded
+
+    out = {}
+    coord = start_embedded()
+    try:
+        for size in (mib // 16, mib):
+            numel = size * 2**20 // 4 // N_TENSORS
+            src = Bag(N_TENSORS, numel, 1)
+            with hotweights.Publisher(src, name=f"p{size}", endpoint=coord.endpoint, serve_late=False) as pub:
+                for swap in ("storage", "inplace"):
+                    dst = Bag(N_TENSORS, numel, 2)
+                    h = dst.register_hotweights(name=f"p{size}", endpoint=coord.endpoint,
+                                                commit="manual", swap=swap)
+                    pauses = []
+                    for k in range(3):
+                        with torch.no_grad():
+                            for p in src.parameters():
+                                p.add_(1)
+                        r = pub.publish(f"{swap}{k}")
+                        h.wait(r.version, timeout=300)
+                        pauses.append(h.last_commit.timings["pause_s"])
+                    h.close()
+                    out[f"{swap}_{size}MiB_s"] = min(pauses[1:])  # staging pooled after the first
+            out[f"memcpy_{size}MiB_s"] = memcpy_time(size * 2**20)
+    finally:
+        coord.stop()
+    return out
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _mp_reduction_consumer(numel, n, q_in, q_out):
+    torch.cuda.set_device(0)
+    dst = [torch.empty(numel, device="cuda") for _ in range(n)]
+    q_out.put("ready")
+    while True:
+        item = q_in.get()
+        if item is None:
+            break
+        for k in range(n):
+            t = item if k == 0 else q_in.get()
+            dst[k].copy_(t)
+            del t
+        torch.cuda.synchronize()
+        q_out.put("done")
+
+
+def cuda_rows(mib: int) -> list[dict]:
+    rows = []
+    res = run_hotweights(mib, "cuda", subscribers=1)
+    n = mib * 2**20
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    del a, b
+    rows.append({"case": f"same-GPU 2-process update of {mib} MiB", "hotweights s": res["full_s"],
+                 "baseline": "device copy_", "baseline s": best,
+                 "ratio": best / res["full_s"], "target": ">= 0.8 of device copy bandwidth"})
+    # naive: every tensor through torch.multiprocessing reductions (one CUDA IPC handle each)
+    import torch.multiprocessing as tmp
+
+    numel = n // 4 // N_TENSORS
+    ctx = tmp.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_mp_reduction_consumer, args=(numel, N_TENSORS, q_in, q_out), daemon=True)
+    p.start()
+    src = [torch.randn(numel, device="cuda") for _ in range(N_TENSORS)]
+    q_out.get(timeout=120)
+    naive = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for t in src:
+            q_in.put(t)
+        q_out.get(timeout=600)
+        naive = min(naive, time.perf_counter() - t0)
+    q_in.put(None)
+    p.join(30)
+    rows.append({"case": "vs per-tensor torch.multiprocessing", "hotweights s": res["full_s"],
+                 "baseline": "mp reductions", "baseline s": naive, "ratio": naive / res["full_s"],
+                 "target": ">= 5x"})
+    return rows
+
+
+def main():
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--mib", type=int, default=None, help="model size in MiB (CPU 1024, CUDA 8192)")
+    p.add_argument("--skip-baselines", action="store_true")
+    args = p.parse_args()
+    if args.device.startswith("cuda"):
+        mib = args.mib or (1024 if args.quick else 8192)
+        finish("bench_replicate", cuda_rows(mib), ["case", "hotweights s", "baseline", "baseline s",
+                                                   "ratio", "target"], args.out, device="cuda")
+        return
+    mib = args.mib or (128 if args.quick else 1024)
+    hw = run_hotweights(mib, "cpu")
+    rows = []
+    floor = memcpy_floor(mib)
+    rows.append({"case": f"full update {mib} MiB, 1->2", "hotweights s": hw["full_s"],
+                 "baseline": "memcpy floor", "baseline s": floor, "ratio": hw["full_s"] / floor,
+                 "target": "<= 1.5x floor"})
+    if not args.skip_baselines:
+        g = gloo_broadcast(mib)
+        rows.append({"case": "", "hotweights s": hw["full_s"], "baseline": "gloo broadcast",
+                     "baseline s": g, "ratio": g / hw["full_s"], "target": ">= 3x faster"})
+        m = mpi_bcast(mib)
+        if m is not None:
+            rows.append({"case": "", "hotweights s": hw["full_s"], "baseline": "MPI Bcast",
+                         "baseline s": m, "ratio": m / hw["full_s"], "target": ">= 2x faster"})
+        z = zmq_naive(mib)
+        rows.append({"case": "", "hotweights s": hw["full_s"], "baseline": "ZeroMQ per tensor",
+                     "baseline s": z, "ratio": z / hw["full_s"], "target": "faster"})
+    rows.append({"case": f"delta: {max(1, N_TENSORS // 100)} of {N_TENSORS} tensors",
+                 "hotweights s": hw["delta_s"], "baseline": "full update", "baseline s": hw["full_s"],
+                 "ratio": hw["delta_s"] / hw["full_s"], "target": "<= 0.05"})
+    pz = commit_pauses(mib)
+    for size in (mib // 16, mib):
+        rows.append({"case": f"commit pause {size} MiB", "hotweights s": pz[f"storage_{size}MiB_s"],
+                     "baseline": "(storage swap)", "baseline s": None, "ratio": None,
+                     "target": "< 1 ms, size-independent"})
+        rows.append({"case": f"commit pause {size} MiB", "hotweights s": pz[f"inplace_{size}MiB_s"],
+                     "baseline": "memcpy of changed", "baseline s": pz[f"memcpy_{size}MiB_s"],
+                     "ratio": pz[f"inplace_{size}MiB_s"] / pz[f"memcpy_{size}MiB_s"],
+                     "target": "<= 1.2x memcpy"})
+    finish("bench_replicate", rows, ["case", "hotweights s", "baseline", "baseline s", "ratio", "target"],
+           args.out, device="cpu", details={"hotweights": hw, "pauses": pz})
+
+
+if __name__ == "__main__":
+    main()
