@@ -276,6 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--manifest-bytes", type=int, default=64 << 10)
     ap.add_argument("--backend", choices=("memory", "redis"), default="memory")
     ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--endpoint", help="load an already running coordinator instead of "
+                    "starting one (e.g. under a profiler)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.backend == "redis" and not args.redis_url:
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
     hb_size = len(P.encode_request("heartbeat", {"client_id": "sub-0-0"})[1])
     echo = echo_baseline(n_base, b"x" * hb_size)
 
-    coord, endpoint = _start_coordinator(args)
+    coord, endpoint = (None, args.endpoint) if args.endpoint else _start_coordinator(args)
     procs = []
     try:
         with Client(endpoint, timeout_s=5.0) as cl:
@@ -343,12 +345,13 @@ def main(argv=None) -> int:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        coord.terminate()
-        try:
-            coord.wait(10)
-        except subprocess.TimeoutExpired:
-            coord.kill()
-            coord.wait(5)
+        if coord is not None:
+            coord.terminate()
+            try:
+                coord.wait(10)
+            except subprocess.TimeoutExpired:
+                coord.kill()
+                coord.wait(5)
 
     methods = {k: _summary(v) for k, v in sorted(lat.items())}
     pub_methods = {k: _summary(v) for k, v in sorted(pub_lat.items())}

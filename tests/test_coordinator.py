@@ -81,7 +81,7 @@ def test_full_lifecycle(h):
     r = cl.register("publisher", "llama", node="n0", device="cuda:0", client_id="pub",
                     capabilities={"ring": b"\x00\xff" * 32})
     assert r == {"client_id": "pub", "current_version": None, "heartbeat_s": 0.1,
-                 "dead_after_s": 0.8}
+                 "dead_after_s": 1.5}
     for i, dev in enumerate(("cuda:1", "cpu")):
         cl.register("subscriber", "llama", node="n0", device=dev, consumer=["layers.*"],
                     client_id=f"s{i + 1}", capabilities={"ring": b"\x01" * 8})

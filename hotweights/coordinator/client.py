@@ -316,7 +316,7 @@ class Client:
                     r = self.call("heartbeat", {"client_id": client_id}, retries=0)
                     if not r.get("known") and client_id in self._registrations:
                         self._reregister(client_id)
-                except (CoordinatorUnavailable, CoordinatorError) as e:
+                except Exception as e:  # keep beating through any failure; report it
                     if stop.is_set() or self._closed:
                         break
                     log.warning("heartbeat of %s failed: %s", client_id, e)

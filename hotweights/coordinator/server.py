@@ -108,6 +108,7 @@ class Coordinator:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._stopping = False
+        self._in_run = False
         self._finished = threading.Event()
         self._leader = False
         self._leader_until = 0.0
@@ -159,8 +160,9 @@ class Coordinator:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise RuntimeError(f"Coordinator thread did not stop within {timeout} s")
-        elif self._thread is None:
-            self._finished.wait(timeout)
+        elif self._thread is None and self._in_run:  # serve_forever() in another thread
+            if not self._finished.wait(timeout):
+                raise RuntimeError(f"Coordinator did not stop within {timeout} s")
 
     @property
     def running(self) -> bool:
@@ -237,6 +239,7 @@ class Coordinator:
             log.warning("closing %s: %s", self.backend.describe(), e)
 
     def _run(self) -> None:
+        self._in_run = True
         try:
             try:
                 self._setup()

@@ -549,7 +549,8 @@ class State:
             need = min(q, len(req))
         else:  # the epsilon keeps ceil(0.7 * 10) at 7 despite binary floating point
             need = max(1, math.ceil(q * len(req) - 1e-9))
-        have = sum(1 for c in vrec["precommitted"] if c in req)
+        req_set = set(req)
+        have = sum(1 for c in vrec["precommitted"] if c in req_set)
         if have >= need:
             self._commit(vrec)
 
@@ -681,9 +682,9 @@ class State:
     def _maybe_release(self, h: dict) -> bool:
         if h["handle_id"] not in self.handles:
             return True
-        pending = [c for c in h["consumers"] if c not in h["acked"] and c not in h["errors"]
-                   and self._alive(c)]
-        if pending:
+        answered = set(h["acked"])
+        answered.update(h["errors"])
+        if any(c not in answered and self._alive(c) for c in h["consumers"]):
             return False
         self._release(h, "nacked" if h["errors"] else "acked")
         return True
