@@ -307,7 +307,7 @@ def test_publisher_death_aborts_and_drops_its_handles(h):
 
 def test_version_timeout_aborts_and_releases_handles(make_harness):
     h = make_harness("memory")
-    c, cl, pub, (s1, s2) = _setup(h, version_timeout_s=0.5)
+    c, cl, pub, (s1, s2) = _setup(h, version_timeout_s=1.5)
     v = cl.publish(pub, "m", b"m")["version"]
     hid = cl.post_handle(pub, "m", v, {"slot": 0})["handle_id"]
     info = cl.wait_version("m", v, timeout_s=20)
@@ -316,6 +316,24 @@ def test_version_timeout_aborts_and_releases_handles(make_harness):
     assert [(x["handle_id"], x["reason"]) for x in rel] == [(hid, "aborted")]
     with pytest.raises(CoordinatorError, match="aborted"):
         cl.precommit(s1, "m", v)
+
+
+def test_history_is_trimmed(make_harness):
+    h = make_harness("memory")
+    c, cl, pub, (s1,) = _setup(h, n_subs=1, keep_versions=4, keep_manifests=2)
+    for i in range(1, 7):
+        v = cl.publish(pub, "m", b"manifest-%d" % i, idempotency_key=f"k{i}")["version"]
+        cl.precommit(s1, "m", v)
+    assert cl.current("m") == 6
+    with pytest.raises(CoordinatorError, match="version 2 of model 'm' was trimmed"):
+        cl.version("m", 2)
+    assert cl.version("m", 3)["state"] == "committed"
+    with pytest.raises(CoordinatorError, match="the manifest of version 4 .* was dropped"):
+        cl.manifest("m", 4)
+    assert cl.manifest("m", 5) == b"manifest-5" and cl.manifest("m", 6) == b"manifest-6"
+    # A trimmed version's idempotency key is forgotten with it.
+    assert cl.publish(pub, "m", b"again", idempotency_key="k6")["version"] == 6
+    assert cl.publish(pub, "m", b"new", idempotency_key="k1")["version"] == 7
 
 
 def test_newer_commit_supersedes_older_version(hm):
@@ -333,7 +351,7 @@ def test_lease_expiry_and_early_release(h):
     c, cl, pub, (s1, s2) = _setup(h)
     v = cl.publish(pub, "m", b"m")["version"]
     early = cl.post_handle(pub, "m", v, {"n": 1}, ttl=60)["handle_id"]
-    late = cl.post_handle(pub, "m", v, {"n": 2}, ttl=0.5)["handle_id"]
+    late = cl.post_handle(pub, "m", v, {"n": 2}, ttl=1.5)["handle_id"]
     cl.ack_handle(s1, early)
     cl.ack_handle(s2, early)  # every consumer acked: released long before its 60 s lease
     cl.ack_handle(s1, late)   # s2 never acks this one: it expires
@@ -796,6 +814,22 @@ def test_fencing_rejects_a_deposed_leader(redis_url):
         b.wipe()
         a.close()
         b.close()
+
+
+@pytest.mark.redis
+def test_redis_lease_is_renewed(make_harness):
+    """A lone leader keeps its lease (and serves writes) across many lease periods."""
+    h = make_harness("redis")
+    c = h.coord(leader_lease_s=1.0)
+    cl = h.client(c.endpoint, retries=0)
+    end = time.monotonic() + 3.5  # without renewal the lease would lapse 3 times
+    i = 0
+    while time.monotonic() < end:
+        cl.register("observer", "m", client_id=f"o{i % 4}", heartbeat=False)
+        i += 1
+        time.sleep(0.02)
+    assert c.is_leader and c.backend.epoch == 1
+    assert not [k for k in c.counters if k.endswith(".not_leader")]
 
 
 def _env(redis_url, prefix, **extra):

@@ -276,9 +276,14 @@ class RedisBackend(Backend):
             import redis
         except ImportError as e:
             raise BackendError("the redis backend needs redis-py (`pip install redis`)") from e
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
         try:
+            # One immediate retry heals a pooled connection that Redis closed; more would stall
+            # the single-threaded serving loop for many timeouts when Redis is really gone.
             self._r = redis.Redis.from_url(self.url, socket_timeout=self._timeout,
-                                           socket_connect_timeout=min(self._timeout, 2.0))
+                                           socket_connect_timeout=min(self._timeout, 2.0),
+                                           retry=Retry(NoBackoff(), 1))
             self._r.ping()
         except Exception as e:
             if self._r is not None:
