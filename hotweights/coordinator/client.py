@@ -160,8 +160,12 @@ class Client:
             while True:
                 endpoint = self.endpoints[index % len(self.endpoints)]
                 sock = self._socket(slot, endpoint)
-                _, data = P.encode_request(method, args, req_id=req_id, client=self.name,
-                                           token=self._token)
+                try:
+                    _, data = P.encode_request(method, args, req_id=req_id, client=self.name,
+                                               token=self._token)
+                except (TypeError, ValueError, OverflowError) as e:
+                    raise ValueError(f"{method}: the arguments cannot be sent as msgpack: "
+                                     f"{e}") from None
                 reply = self._roundtrip(slot, sock, data, req_id,
                                         min(time.monotonic() + per_attempt, deadline))
                 if reply is None:

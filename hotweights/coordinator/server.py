@@ -103,6 +103,7 @@ class Coordinator:
         # Timers: fine enough to notice a death within ~10% of dead_after_s.
         self.tick_s = min(max(min(cfg.heartbeat_s, cfg.dead_after_s / 4) / 2, 0.02), 0.5)
         self._ctx: zmq.Context | None = None
+        self._wake_addr = f"inproc://hotweights-coordinator-wake-{id(self):x}"
         self._router = self._pub = self._wake = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -215,7 +216,6 @@ class Coordinator:
                 raise OSError(f"coordinator cannot bind PUB {self._pub_bind}: {e}") from None
             self._pub = p
             self.pub_endpoint = p.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._wake_addr = f"inproc://hotweights-coordinator-wake-{id(self):x}"
         self._wake = self._ctx.socket(zmq.PULL)
         self._wake.setsockopt(zmq.LINGER, 0)
         self._wake.bind(self._wake_addr)
@@ -286,17 +286,28 @@ class Coordinator:
                         frames = self._router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_frames(frames)
+                    self._guard(self._on_frames, frames)
             now = time.monotonic()
             if self._leader and now > self._leader_until:
-                self._step_down(f"could not renew the leader lease for {self.lease_s} s")
+                self._guard(self._step_down,
+                            f"could not renew the leader lease for {self.lease_s} s")
             if now >= next_lease:
                 next_lease = now + self.lease_s / 3
-                self._leadership(now)
+                self._guard(self._leadership, now)
             if now >= next_tick:
                 next_tick = now + self.tick_s
-                self._tick()
-            self._service_parked(time.monotonic())
+                self._guard(self._tick)
+            self._guard(self._service_parked, time.monotonic())
+
+    def _guard(self, fn, *args) -> None:
+        """Runs one step of the loop; a bug in it is logged and counted, never fatal."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("coordinator: %s failed", getattr(fn, "__name__", fn))
+            self.state.count("internal_errors")
+            self.state.take()  # memory may be half-changed: rebuild it from the backend
+            self._stale = True
 
     def _leadership(self, now: float) -> None:
         try:
