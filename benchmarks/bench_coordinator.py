@@ -115,7 +115,7 @@ def echo_baseline(n: int, payload: bytes) -> list[float]:
 # --- load: subscribers ------------------------------------------------------------------------------
 
 def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat_s: float,
-                        go, stop_at_value, q) -> None:
+                        go, pub_done, q) -> None:
     sys.path.insert(0, REPO)
     from hotweights.coordinator import Client
 
@@ -154,7 +154,9 @@ def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat
 
     def subscriber(cid):
         after, acked = 0, {}
-        while time.time() < stop_at:
+        # Serve until the publisher has finished its last version (not until a clock runs
+        # out), so that no version is left waiting for subscribers that already quit.
+        while not pub_done.is_set():
             r = timed("get_handles", cl.get_handles, cid, MODEL, None, after, 500)
             if not r:
                 continue
@@ -167,8 +169,7 @@ def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat
                     pc = timed("precommit", cl.precommit, cid, MODEL, v)
                     if pc is None:
                         continue
-                    left = stop_at - time.time() + 5
-                    info = timed("wait_version", cl.wait_version, MODEL, v, max(left, 1.0))
+                    info = timed("wait_version", cl.wait_version, MODEL, v, 60.0)
                     if info and info["state"] == "committed":
                         timed("applied", cl.applied, cid, MODEL, v)
                     acked.pop(v, None)
@@ -178,12 +179,12 @@ def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat
     hb.start()
     if not go.wait(300):
         raise RuntimeError("the benchmark never started the load")
-    stop_at = stop_at_value.value
     ts = [threading.Thread(target=subscriber, args=(c,), daemon=True) for c in ids]
     for t in ts:
         t.start()
+    pub_done.wait(3600)
     for t in ts:
-        t.join(max(stop_at - time.time(), 0) + 30)
+        t.join(90)
     done.set()
     hb.join(10)
     for cid in ids:
@@ -240,6 +241,10 @@ def _publisher(endpoint: str, buckets: int, stop_at: float, manifest_bytes: int,
 
 
 # --- main ---------------------------------------------------------------------------------------
+
+def _served(counters: dict) -> int:
+    return sum(v for k, v in counters.items() if k.startswith("requests.") and k.endswith(".ok"))
+
 
 def _start_coordinator(args) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
@@ -306,13 +311,13 @@ def main(argv=None) -> int:
                     ping.append(time.perf_counter() - t0)
 
         ctx = mp.get_context("spawn")
-        q, go, stop_value = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+        q, go, pub_done = ctx.Queue(), ctx.Event(), ctx.Event()
         per = [args.subscribers // args.processes + (1 if i < args.subscribers % args.processes
                                                      else 0) for i in range(args.processes)]
         for i, n in enumerate(per):
             p = ctx.Process(target=_subscriber_process,
                             args=(i, endpoint, n, args.buckets, args.heartbeat_s, go,
-                                  stop_value, q), daemon=True)
+                                  pub_done, q), daemon=True)
             p.start()
             procs.append(p)
         # Everyone registers first; the clock starts when all are in.
@@ -320,18 +325,26 @@ def main(argv=None) -> int:
         while registered < args.subscribers:
             _kind, _idx, count = q.get(timeout=300)
             registered += count
+        with Client(endpoint, timeout_s=5.0) as cl:
+            served0 = _served(cl.status()["counters"])
+        t_load = time.perf_counter()
         stop_at = time.time() + args.seconds
-        stop_value.value = stop_at
         go.set()
         pub_lat: dict[str, list[float]] = {}
         pub_err: list[str] = []
         counts: dict[str, int] = {}
-        _publisher(endpoint, args.buckets, stop_at, args.manifest_bytes, pub_lat, pub_err,
-                   counts)
+        try:
+            _publisher(endpoint, args.buckets, stop_at, args.manifest_bytes, pub_lat, pub_err,
+                       counts)
+        finally:
+            pub_done.set()
+        with Client(endpoint, timeout_s=5.0) as cl:
+            served = _served(cl.status()["counters"]) - served0
+        load_s = time.perf_counter() - t_load
         lat: dict[str, list[float]] = {}
         errors = list(pub_err)
         for _ in procs:
-            msg = q.get(timeout=max(stop_at - time.time(), 0) + 120)
+            msg = q.get(timeout=180)
             _, idx, l, e = msg
             for k, v in l.items():
                 lat.setdefault(k, []).extend(v)
@@ -366,7 +379,8 @@ def main(argv=None) -> int:
         "ratio_ping_idle_vs_echo_p50": ping_s["p50_ms"] / base["p50_ms"],
         "ratio_heartbeat_loaded_vs_echo_p50": hb["p50_ms"] / base["p50_ms"],
         "subscriber_methods": methods, "publisher_methods": pub_methods,
-        "versions": counts, "versions_per_s": counts.get("committed", 0) / args.seconds,
+        "versions": counts, "versions_per_s": counts.get("committed", 0) / load_s,
+        "load_s": load_s, "requests_served": served, "requests_per_s": served / load_s,
         "errors": len(errors), "error_samples": errors[:10], "server_counters": counters,
     }
     print(f"\nload: {args.subscribers} subscribers in {args.processes} processes, "
@@ -382,7 +396,9 @@ def main(argv=None) -> int:
     print("(* includes waiting: long-polls, or a whole version cycle)")
     print(f"ratio p50 ping(idle)/echo: {result['ratio_ping_idle_vs_echo_p50']:.2f}   "
           f"ratio p50 heartbeat(loaded)/echo: {result['ratio_heartbeat_loaded_vs_echo_p50']:.2f}")
-    print(f"versions: {counts} ({result['versions_per_s']:.2f}/s)   errors: {len(errors)}")
+    print(f"versions: {counts} ({result['versions_per_s']:.2f}/s)   coordinator served "
+          f"{served} requests in {load_s:.1f} s ({result['requests_per_s']:.0f}/s)   "
+          f"errors: {len(errors)}")
     for e in errors[:5]:
         print("  error:", e)
     if args.out:
