@@ -255,7 +255,7 @@ def _start_coordinator(args) -> tuple[subprocess.Popen, str]:
     if args.redis_url:
         env["HOTWEIGHTS_REDIS_URL"] = args.redis_url
     cmd = [sys.executable, "-m", "hotweights", "coord-serve", "--endpoint",
-           "tcp://127.0.0.1:0", "--redis-prefix", f"bench-{uuid.uuid4().hex[:8]}"]
+           "tcp://127.0.0.1:0", "--redis-prefix", args.prefix]
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
     end = time.monotonic() + 60
@@ -287,6 +287,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.backend == "redis" and not args.redis_url:
         ap.error("--backend redis needs --redis-url")
+    args.prefix = f"bench-{uuid.uuid4().hex[:8]}"
     sys.path.insert(0, REPO)
     from hotweights.coordinator import Client
     from hotweights.coordinator import protocol as P
@@ -365,6 +366,12 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 coord.kill()
                 coord.wait(5)
+            if args.backend == "redis":  # leave the shared Redis as we found it
+                from hotweights.coordinator.backends import RedisBackend
+                b = RedisBackend(args.redis_url, prefix=args.prefix)
+                b.open()
+                b.wipe()
+                b.close()
 
     methods = {k: _summary(v) for k, v in sorted(lat.items())}
     pub_methods = {k: _summary(v) for k, v in sorted(pub_lat.items())}

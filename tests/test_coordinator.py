@@ -172,6 +172,57 @@ def test_state_survives_reload(h):
         k: list(v) for k, v in live.released_log.items()}
 
 
+class FailingWrites(MemoryBackend):
+    """A real memory backend whose writes can be made to fail (Redis going away, in effect)."""
+
+    failing = False
+
+    def write(self, batch):
+        if self.failing:
+            raise BackendError("injected: the backend refused the write")
+        super().write(batch)
+
+
+def test_no_ok_for_an_unwritten_change(make_harness):
+    """A group whose write fails gets errors, and its changes are rolled back from memory."""
+    h = make_harness("memory")
+    backend = FailingWrites()
+    c = h.coord(backend=backend)
+    cl = h.client(c.endpoint, retries=0, timeout_s=1.0)
+    cl.register("publisher", "m", client_id="pub", heartbeat=False)
+    backend.failing = True
+    with raw_socket(c.endpoint) as s:
+        for i in range(5):  # back to back: most land in one group
+            s.send(request_bytes("register", {"role": "subscriber", "model": "m",
+                                              "client_id": f"s{i}"}))
+        replies = []
+        for _ in range(5):
+            assert s.poll(5000)
+            replies.append(P.decode_reply(s.recv()))
+    assert all(not r["ok"] and r["error"]["code"] == "unavailable" for r in replies), replies
+    assert "injected" in replies[0]["error"]["message"]
+    backend.failing = False
+    assert [x["client_id"] for x in cl.clients("m")] == ["pub"]  # nothing half-applied
+    assert cl.register("subscriber", "m", client_id="s0", heartbeat=False)["client_id"] == "s0"
+    assert sorted(x["client_id"] for x in cl.clients("m")) == ["pub", "s0"]
+
+
+def test_restart_on_the_same_memory_backend_continues(make_harness):
+    h = make_harness("memory")
+    backend = MemoryBackend()
+    c1 = h.coord(backend=backend)
+    cl = h.client(c1.endpoint)
+    cl.register("publisher", "m", client_id="pub", heartbeat=False)
+    cl.register("subscriber", "m", client_id="s1", heartbeat=False)
+    v = cl.publish("pub", "m", b"m")["version"]
+    c1.stop()
+    c2 = h.coord(backend=backend)
+    cl2 = h.client(c2.endpoint)
+    assert cl2.version("m", v)["state"] == "transferring"
+    cl2.precommit("s1", "m", v)
+    assert cl2.current("m") == v
+
+
 def test_long_poll_wakes_on_change(hm):
     c, cl, pub, subs = _setup(hm)
     last = cl.events("m")["last"]

@@ -110,6 +110,9 @@ class Backend(abc.ABC):
     """Persistent state of a coordinator and, with several coordinators, who leads."""
 
     name = "abstract"
+    # How long the server may gather requests into one write (Note [Group commit]): 0 writes
+    # after every request (cheap writes); a round trip to Redis is worth amortising.
+    group_commit_s = 0.0
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -251,6 +254,7 @@ class RedisBackend(Backend):
     """All state in Redis under ``<prefix>:*`` keys, with a leader lease (Note [Fencing])."""
 
     name = "redis"
+    group_commit_s = 0.002
 
     def __init__(self, url: str, prefix: str = "hotweights", lease_s: float = 5.0,
                  socket_timeout_s: float = 5.0):

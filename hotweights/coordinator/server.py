@@ -288,12 +288,16 @@ class Coordinator:
                     except zmq.Again:
                         break
             if self._router in ready:
+                group_until = time.monotonic() + self.backend.group_commit_s
                 for _ in range(_BURST):
                     try:
                         frames = self._router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     self._guard(self._on_frames, frames)
+                    if self._pending and time.monotonic() >= group_until:
+                        self._guard(self._flush)
+                        group_until = time.monotonic() + self.backend.group_commit_s
                 self._guard(self._flush)
             now = time.monotonic()
             if self._leader and now > self._leader_until:
@@ -568,9 +572,10 @@ class Coordinator:
         return True
 
     def _flush(self) -> None:
-        """Note [Group commit]: the requests of one poll wake-up are written to the backend as
-        one batch, and only then answered, so with Redis a burst costs one round trip instead of
-        one per request, and no client ever hears "ok" for a change the backend does not hold.
+        """Note [Group commit]: requests that arrive together (within the backend's
+        ``group_commit_s`` of one poll wake-up) are written to the backend as one batch, and
+        only then answered: with Redis a burst costs one round trip instead of one per request,
+        and no client ever hears "ok" for a change the backend does not hold.
         """
         if not self._pending and not self.state.batch and not self.state.outbox:
             return
