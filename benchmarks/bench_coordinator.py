@@ -242,6 +242,15 @@ def _publisher(endpoint: str, buckets: int, stop_at: float, manifest_bytes: int,
 
 # --- main ---------------------------------------------------------------------------------------
 
+def _cpu(proc) -> float | None:
+    """CPU seconds (user + system) used so far by the coordinator process we started."""
+    if proc is None:
+        return None
+    import psutil
+    t = psutil.Process(proc.pid).cpu_times()
+    return t.user + t.system
+
+
 def _served(counters: dict) -> int:
     return sum(v for k, v in counters.items() if k.startswith("requests.") and k.endswith(".ok"))
 
@@ -328,6 +337,7 @@ def main(argv=None) -> int:
             registered += count
         with Client(endpoint, timeout_s=5.0) as cl:
             served0 = _served(cl.status()["counters"])
+        cpu0 = _cpu(coord)
         t_load = time.perf_counter()
         stop_at = time.time() + args.seconds
         go.set()
@@ -342,6 +352,7 @@ def main(argv=None) -> int:
         with Client(endpoint, timeout_s=5.0) as cl:
             served = _served(cl.status()["counters"]) - served0
         load_s = time.perf_counter() - t_load
+        coord_cpu = None if cpu0 is None else _cpu(coord) - cpu0
         lat: dict[str, list[float]] = {}
         errors = list(pub_err)
         for _ in procs:
@@ -388,6 +399,9 @@ def main(argv=None) -> int:
         "subscriber_methods": methods, "publisher_methods": pub_methods,
         "versions": counts, "versions_per_s": counts.get("committed", 0) / load_s,
         "load_s": load_s, "requests_served": served, "requests_per_s": served / load_s,
+        "coordinator_cpu_s": coord_cpu,
+        "coordinator_cpu_us_per_request": (coord_cpu / served * 1e6) if coord_cpu and served
+        else None,
         "errors": len(errors), "error_samples": errors[:10], "server_counters": counters,
     }
     print(f"\nload: {args.subscribers} subscribers in {args.processes} processes, "
@@ -406,6 +420,10 @@ def main(argv=None) -> int:
     print(f"versions: {counts} ({result['versions_per_s']:.2f}/s)   coordinator served "
           f"{served} requests in {load_s:.1f} s ({result['requests_per_s']:.0f}/s)   "
           f"errors: {len(errors)}")
+    if coord_cpu is not None:
+        print(f"coordinator CPU during the load: {coord_cpu:.1f} s of {load_s:.1f} s "
+              f"({100 * coord_cpu / load_s:.0f}% of one core), "
+              f"{result['coordinator_cpu_us_per_request']:.0f} us per request")
     for e in errors[:5]:
         print("  error:", e)
     if args.out:
