@@ -112,7 +112,7 @@ def echo_baseline(n: int, payload: bytes) -> list[float]:
             p.join(5)
 
 
-# --- load: subscribers ------------------------------------------------------------------------------
+# --- load: subscribers -----------------------------------------------------------------------
 
 def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat_s: float,
                         go, pub_done, q) -> None:
@@ -193,7 +193,7 @@ def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat
     q.put(("result", idx, lat, errors))
 
 
-# --- load: publisher --------------------------------------------------------------------------------
+# --- load: publisher -------------------------------------------------------------------------
 
 def _publisher(endpoint: str, buckets: int, stop_at: float, manifest_bytes: int, lat, errors,
                counts) -> None:

@@ -13,7 +13,6 @@ import time
 import uuid
 
 import psutil
-import pytest
 import zmq
 
 from hotweights.coordinator import Client, Coordinator

@@ -287,7 +287,7 @@ class Client:
                     self._slots.remove(s)
             self._local.slot = None
 
-    # --- heartbeats --------------------------------------------------------------------------------
+    # --- heartbeats -------------------------------------------------------------------------------
 
     def start_heartbeat(self, client_id: str, period_s: float | None = None) -> None:
         """Heartbeats ``client_id`` from a daemon thread every ``heartbeat_s`` (idempotent).

@@ -268,8 +268,9 @@ class State:
                "version": old["version"] if same else None,
                "state": old["state"] if same and old["alive"] else "registered",
                "progress": old["progress"] if same else None}
-        if old is not None and old["model"] != a["model"]:
-            self._leave(old, "left", model_change=True)
+        if old is not None and not same:
+            # A new model or role: settle what the old registration leaves behind first.
+            self._leave(old, "left", replaced=True)
         self.clients[cid] = rec
         self.seen[cid] = time.monotonic()
         self._put_client(rec)
@@ -302,9 +303,9 @@ class State:
         self._leave(rec, "left")
         return {"known": True}
 
-    def _leave(self, rec: dict, action: str, model_change: bool = False) -> None:
+    def _leave(self, rec: dict, action: str, replaced: bool = False) -> None:
         cid = rec["client_id"]
-        if not model_change:
+        if not replaced:
             del self.clients[cid]
             self.seen.pop(cid, None)
             self.batch.delete("client", cid)
@@ -313,7 +314,7 @@ class State:
             if self.rseq.pop(cid, None) is not None:
                 self.batch.delete("meta", f"rseq:{cid}")
         else:
-            rec["alive"] = False  # temporarily, so that it stops counting for its old model
+            rec["alive"] = False  # the old record, so that it stops counting in its old role
         self._event(rec["model"], "client", action=action, client_id=cid, role=rec["role"],
                     node=rec["node"], device=rec["device"])
         self._settle_departure(rec, "publisher left", f"subscriber {cid} left", abort_on_dead=False)
