@@ -387,6 +387,15 @@ def test_history_is_trimmed(make_harness):
     assert cl.publish(pub, "m", b"new", idempotency_key="k1")["version"] == 7
 
 
+def test_reregistering_in_another_role_settles_the_old_one(hm):
+    c, cl, pub, (s1,) = _setup(hm, n_subs=1)
+    v = cl.publish(pub, "m", b"m")["version"]
+    cl.register("subscriber", "m", client_id=pub, heartbeat=False)  # same id, new role
+    info = cl.version("m", v)
+    assert info["state"] == "aborted" and info["reason"] == "publisher left"
+    assert cl.get_client(pub)["role"] == "subscriber"
+
+
 def test_newer_commit_supersedes_older_version(hm):
     c, cl, pub, (s1,) = _setup(hm, n_subs=1)
     v1 = cl.publish(pub, "m", b"1")["version"]
@@ -814,6 +823,18 @@ def test_cli_status(hm, capsys, monkeypatch):
     dead = f"tcp://127.0.0.1:{free_port()}"
     assert main(["status", "--endpoint", dead]) == 1
     assert f"coordinator at {dead} did not answer status" in capsys.readouterr().err
+
+
+def test_coord_serve_process_stops_cleanly_on_sigint(hm):
+    p = hm.coord_serve("tcp://127.0.0.1:0", {"HOTWEIGHTS_COORD_BACKEND": "memory"},
+                       "--pub-endpoint", "tcp://127.0.0.1:0")
+    line = next(ln for ln in p.output if "serving tcp://" in ln)
+    endpoint = line.split("serving ")[1].split()[0]
+    cl = hm.client(endpoint)
+    assert cl.ping()["pub_endpoint"].startswith("tcp://127.0.0.1:")
+    cl.register("observer", "m", client_id="o", heartbeat=False)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(15) == 0
 
 
 def test_metrics_hook_sees_counters_and_gauges(make_harness):
