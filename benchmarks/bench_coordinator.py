@@ -112,10 +112,10 @@ def echo_baseline(n: int, payload: bytes) -> list[float]:
             p.join(5)
 
 
-# --- load: subscribers ------------------------------------------------------------------------------
+# --- load: subscribers -----------------------------------------------------------------------
 
 def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat_s: float,
-                        go, stop_at_value, q) -> None:
+                        go, pub_done, q) -> None:
     sys.path.insert(0, REPO)
     from hotweights.coordinator import Client
 
@@ -154,7 +154,9 @@ def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat
 
     def subscriber(cid):
         after, acked = 0, {}
-        while time.time() < stop_at:
+        # Serve until the publisher has finished its last version (not until a clock runs
+        # out), so that no version is left waiting for subscribers that already quit.
+        while not pub_done.is_set():
             r = timed("get_handles", cl.get_handles, cid, MODEL, None, after, 500)
             if not r:
                 continue
@@ -167,8 +169,7 @@ def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat
                     pc = timed("precommit", cl.precommit, cid, MODEL, v)
                     if pc is None:
                         continue
-                    left = stop_at - time.time() + 5
-                    info = timed("wait_version", cl.wait_version, MODEL, v, max(left, 1.0))
+                    info = timed("wait_version", cl.wait_version, MODEL, v, 60.0)
                     if info and info["state"] == "committed":
                         timed("applied", cl.applied, cid, MODEL, v)
                     acked.pop(v, None)
@@ -178,12 +179,12 @@ def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat
     hb.start()
     if not go.wait(300):
         raise RuntimeError("the benchmark never started the load")
-    stop_at = stop_at_value.value
     ts = [threading.Thread(target=subscriber, args=(c,), daemon=True) for c in ids]
     for t in ts:
         t.start()
+    pub_done.wait(3600)
     for t in ts:
-        t.join(max(stop_at - time.time(), 0) + 30)
+        t.join(90)
     done.set()
     hb.join(10)
     for cid in ids:
@@ -192,7 +193,7 @@ def _subscriber_process(idx: int, endpoint: str, n: int, buckets: int, heartbeat
     q.put(("result", idx, lat, errors))
 
 
-# --- load: publisher --------------------------------------------------------------------------------
+# --- load: publisher -------------------------------------------------------------------------
 
 def _publisher(endpoint: str, buckets: int, stop_at: float, manifest_bytes: int, lat, errors,
                counts) -> None:
@@ -241,6 +242,19 @@ def _publisher(endpoint: str, buckets: int, stop_at: float, manifest_bytes: int,
 
 # --- main ---------------------------------------------------------------------------------------
 
+def _cpu(proc) -> float | None:
+    """CPU seconds (user + system) used so far by the coordinator process we started."""
+    if proc is None:
+        return None
+    import psutil
+    t = psutil.Process(proc.pid).cpu_times()
+    return t.user + t.system
+
+
+def _served(counters: dict) -> int:
+    return sum(v for k, v in counters.items() if k.startswith("requests.") and k.endswith(".ok"))
+
+
 def _start_coordinator(args) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -250,7 +264,7 @@ def _start_coordinator(args) -> tuple[subprocess.Popen, str]:
     if args.redis_url:
         env["HOTWEIGHTS_REDIS_URL"] = args.redis_url
     cmd = [sys.executable, "-m", "hotweights", "coord-serve", "--endpoint",
-           "tcp://127.0.0.1:0", "--redis-prefix", f"bench-{uuid.uuid4().hex[:8]}"]
+           "tcp://127.0.0.1:0", "--redis-prefix", args.prefix]
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
     end = time.monotonic() + 60
@@ -276,10 +290,13 @@ def main(argv=None) -> int:
     ap.add_argument("--manifest-bytes", type=int, default=64 << 10)
     ap.add_argument("--backend", choices=("memory", "redis"), default="memory")
     ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--endpoint", help="load an already running coordinator instead of "
+                    "starting one (e.g. under a profiler)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.backend == "redis" and not args.redis_url:
         ap.error("--backend redis needs --redis-url")
+    args.prefix = f"bench-{uuid.uuid4().hex[:8]}"
     sys.path.insert(0, REPO)
     from hotweights.coordinator import Client
     from hotweights.coordinator import protocol as P
@@ -292,7 +309,7 @@ def main(argv=None) -> int:
     hb_size = len(P.encode_request("heartbeat", {"client_id": "sub-0-0"})[1])
     echo = echo_baseline(n_base, b"x" * hb_size)
 
-    coord, endpoint = _start_coordinator(args)
+    coord, endpoint = (None, args.endpoint) if args.endpoint else _start_coordinator(args)
     procs = []
     try:
         with Client(endpoint, timeout_s=5.0) as cl:
@@ -304,13 +321,13 @@ def main(argv=None) -> int:
                     ping.append(time.perf_counter() - t0)
 
         ctx = mp.get_context("spawn")
-        q, go, stop_value = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+        q, go, pub_done = ctx.Queue(), ctx.Event(), ctx.Event()
         per = [args.subscribers // args.processes + (1 if i < args.subscribers % args.processes
                                                      else 0) for i in range(args.processes)]
         for i, n in enumerate(per):
             p = ctx.Process(target=_subscriber_process,
                             args=(i, endpoint, n, args.buckets, args.heartbeat_s, go,
-                                  stop_value, q), daemon=True)
+                                  pub_done, q), daemon=True)
             p.start()
             procs.append(p)
         # Everyone registers first; the clock starts when all are in.
@@ -318,18 +335,28 @@ def main(argv=None) -> int:
         while registered < args.subscribers:
             _kind, _idx, count = q.get(timeout=300)
             registered += count
+        with Client(endpoint, timeout_s=5.0) as cl:
+            served0 = _served(cl.status()["counters"])
+        cpu0 = _cpu(coord)
+        t_load = time.perf_counter()
         stop_at = time.time() + args.seconds
-        stop_value.value = stop_at
         go.set()
         pub_lat: dict[str, list[float]] = {}
         pub_err: list[str] = []
         counts: dict[str, int] = {}
-        _publisher(endpoint, args.buckets, stop_at, args.manifest_bytes, pub_lat, pub_err,
-                   counts)
+        try:
+            _publisher(endpoint, args.buckets, stop_at, args.manifest_bytes, pub_lat, pub_err,
+                       counts)
+        finally:
+            pub_done.set()
+        with Client(endpoint, timeout_s=5.0) as cl:
+            served = _served(cl.status()["counters"]) - served0
+        load_s = time.perf_counter() - t_load
+        coord_cpu = None if cpu0 is None else _cpu(coord) - cpu0
         lat: dict[str, list[float]] = {}
         errors = list(pub_err)
         for _ in procs:
-            msg = q.get(timeout=max(stop_at - time.time(), 0) + 120)
+            msg = q.get(timeout=180)
             _, idx, l, e = msg
             for k, v in l.items():
                 lat.setdefault(k, []).extend(v)
@@ -343,12 +370,19 @@ def main(argv=None) -> int:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        coord.terminate()
-        try:
-            coord.wait(10)
-        except subprocess.TimeoutExpired:
-            coord.kill()
-            coord.wait(5)
+        if coord is not None:
+            coord.terminate()
+            try:
+                coord.wait(10)
+            except subprocess.TimeoutExpired:
+                coord.kill()
+                coord.wait(5)
+            if args.backend == "redis":  # leave the shared Redis as we found it
+                from hotweights.coordinator.backends import RedisBackend
+                b = RedisBackend(args.redis_url, prefix=args.prefix)
+                b.open()
+                b.wipe()
+                b.close()
 
     methods = {k: _summary(v) for k, v in sorted(lat.items())}
     pub_methods = {k: _summary(v) for k, v in sorted(pub_lat.items())}
@@ -363,7 +397,11 @@ def main(argv=None) -> int:
         "ratio_ping_idle_vs_echo_p50": ping_s["p50_ms"] / base["p50_ms"],
         "ratio_heartbeat_loaded_vs_echo_p50": hb["p50_ms"] / base["p50_ms"],
         "subscriber_methods": methods, "publisher_methods": pub_methods,
-        "versions": counts, "versions_per_s": counts.get("committed", 0) / args.seconds,
+        "versions": counts, "versions_per_s": counts.get("committed", 0) / load_s,
+        "load_s": load_s, "requests_served": served, "requests_per_s": served / load_s,
+        "coordinator_cpu_s": coord_cpu,
+        "coordinator_cpu_us_per_request": (coord_cpu / served * 1e6) if coord_cpu and served
+        else None,
         "errors": len(errors), "error_samples": errors[:10], "server_counters": counters,
     }
     print(f"\nload: {args.subscribers} subscribers in {args.processes} processes, "
@@ -379,7 +417,13 @@ def main(argv=None) -> int:
     print("(* includes waiting: long-polls, or a whole version cycle)")
     print(f"ratio p50 ping(idle)/echo: {result['ratio_ping_idle_vs_echo_p50']:.2f}   "
           f"ratio p50 heartbeat(loaded)/echo: {result['ratio_heartbeat_loaded_vs_echo_p50']:.2f}")
-    print(f"versions: {counts} ({result['versions_per_s']:.2f}/s)   errors: {len(errors)}")
+    print(f"versions: {counts} ({result['versions_per_s']:.2f}/s)   coordinator served "
+          f"{served} requests in {load_s:.1f} s ({result['requests_per_s']:.0f}/s)   "
+          f"errors: {len(errors)}")
+    if coord_cpu is not None:
+        print(f"coordinator CPU during the load: {coord_cpu:.1f} s of {load_s:.1f} s "
+              f"({100 * coord_cpu / load_s:.0f}% of one core), "
+              f"{result['coordinator_cpu_us_per_request']:.0f} us per request")
     for e in errors[:5]:
         print("  error:", e)
     if args.out:

@@ -81,7 +81,7 @@ def test_full_lifecycle(h):
     r = cl.register("publisher", "llama", node="n0", device="cuda:0", client_id="pub",
                     capabilities={"ring": b"\x00\xff" * 32})
     assert r == {"client_id": "pub", "current_version": None, "heartbeat_s": 0.1,
-                 "dead_after_s": 0.8}
+                 "dead_after_s": 1.5}
     for i, dev in enumerate(("cuda:1", "cpu")):
         cl.register("subscriber", "llama", node="n0", device=dev, consumer=["layers.*"],
                     client_id=f"s{i + 1}", capabilities={"ring": b"\x01" * 8})
@@ -170,6 +170,57 @@ def test_state_survives_reload(h):
         k: list(v) for k, v in live.events.items()}
     assert {k: list(v) for k, v in fresh.released_log.items()} == {
         k: list(v) for k, v in live.released_log.items()}
+
+
+class FailingWrites(MemoryBackend):
+    """A real memory backend whose writes can be made to fail (Redis going away, in effect)."""
+
+    failing = False
+
+    def write(self, batch):
+        if self.failing:
+            raise BackendError("injected: the backend refused the write")
+        super().write(batch)
+
+
+def test_no_ok_for_an_unwritten_change(make_harness):
+    """A group whose write fails gets errors, and its changes are rolled back from memory."""
+    h = make_harness("memory")
+    backend = FailingWrites()
+    c = h.coord(backend=backend)
+    cl = h.client(c.endpoint, retries=0, timeout_s=1.0)
+    cl.register("publisher", "m", client_id="pub", heartbeat=False)
+    backend.failing = True
+    with raw_socket(c.endpoint) as s:
+        for i in range(5):  # back to back: most land in one group
+            s.send(request_bytes("register", {"role": "subscriber", "model": "m",
+                                              "client_id": f"s{i}"}))
+        replies = []
+        for _ in range(5):
+            assert s.poll(5000)
+            replies.append(P.decode_reply(s.recv()))
+    assert all(not r["ok"] and r["error"]["code"] == "unavailable" for r in replies), replies
+    assert "injected" in replies[0]["error"]["message"]
+    backend.failing = False
+    assert [x["client_id"] for x in cl.clients("m")] == ["pub"]  # nothing half-applied
+    assert cl.register("subscriber", "m", client_id="s0", heartbeat=False)["client_id"] == "s0"
+    assert sorted(x["client_id"] for x in cl.clients("m")) == ["pub", "s0"]
+
+
+def test_restart_on_the_same_memory_backend_continues(make_harness):
+    h = make_harness("memory")
+    backend = MemoryBackend()
+    c1 = h.coord(backend=backend)
+    cl = h.client(c1.endpoint)
+    cl.register("publisher", "m", client_id="pub", heartbeat=False)
+    cl.register("subscriber", "m", client_id="s1", heartbeat=False)
+    v = cl.publish("pub", "m", b"m")["version"]
+    c1.stop()
+    c2 = h.coord(backend=backend)
+    cl2 = h.client(c2.endpoint)
+    assert cl2.version("m", v)["state"] == "transferring"
+    cl2.precommit("s1", "m", v)
+    assert cl2.current("m") == v
 
 
 def test_long_poll_wakes_on_change(hm):
@@ -307,7 +358,7 @@ def test_publisher_death_aborts_and_drops_its_handles(h):
 
 def test_version_timeout_aborts_and_releases_handles(make_harness):
     h = make_harness("memory")
-    c, cl, pub, (s1, s2) = _setup(h, version_timeout_s=0.5)
+    c, cl, pub, (s1, s2) = _setup(h, version_timeout_s=1.5)
     v = cl.publish(pub, "m", b"m")["version"]
     hid = cl.post_handle(pub, "m", v, {"slot": 0})["handle_id"]
     info = cl.wait_version("m", v, timeout_s=20)
@@ -316,6 +367,33 @@ def test_version_timeout_aborts_and_releases_handles(make_harness):
     assert [(x["handle_id"], x["reason"]) for x in rel] == [(hid, "aborted")]
     with pytest.raises(CoordinatorError, match="aborted"):
         cl.precommit(s1, "m", v)
+
+
+def test_history_is_trimmed(make_harness):
+    h = make_harness("memory")
+    c, cl, pub, (s1,) = _setup(h, n_subs=1, keep_versions=4, keep_manifests=2)
+    for i in range(1, 7):
+        v = cl.publish(pub, "m", b"manifest-%d" % i, idempotency_key=f"k{i}")["version"]
+        cl.precommit(s1, "m", v)
+    assert cl.current("m") == 6
+    with pytest.raises(CoordinatorError, match="version 2 of model 'm' was trimmed"):
+        cl.version("m", 2)
+    assert cl.version("m", 3)["state"] == "committed"
+    with pytest.raises(CoordinatorError, match="the manifest of version 4 .* was dropped"):
+        cl.manifest("m", 4)
+    assert cl.manifest("m", 5) == b"manifest-5" and cl.manifest("m", 6) == b"manifest-6"
+    # A trimmed version's idempotency key is forgotten with it.
+    assert cl.publish(pub, "m", b"again", idempotency_key="k6")["version"] == 6
+    assert cl.publish(pub, "m", b"new", idempotency_key="k1")["version"] == 7
+
+
+def test_reregistering_in_another_role_settles_the_old_one(hm):
+    c, cl, pub, (s1,) = _setup(hm, n_subs=1)
+    v = cl.publish(pub, "m", b"m")["version"]
+    cl.register("subscriber", "m", client_id=pub, heartbeat=False)  # same id, new role
+    info = cl.version("m", v)
+    assert info["state"] == "aborted" and info["reason"] == "publisher left"
+    assert cl.get_client(pub)["role"] == "subscriber"
 
 
 def test_newer_commit_supersedes_older_version(hm):
@@ -333,7 +411,7 @@ def test_lease_expiry_and_early_release(h):
     c, cl, pub, (s1, s2) = _setup(h)
     v = cl.publish(pub, "m", b"m")["version"]
     early = cl.post_handle(pub, "m", v, {"n": 1}, ttl=60)["handle_id"]
-    late = cl.post_handle(pub, "m", v, {"n": 2}, ttl=0.5)["handle_id"]
+    late = cl.post_handle(pub, "m", v, {"n": 2}, ttl=1.5)["handle_id"]
     cl.ack_handle(s1, early)
     cl.ack_handle(s2, early)  # every consumer acked: released long before its 60 s lease
     cl.ack_handle(s1, late)   # s2 never acks this one: it expires
@@ -747,6 +825,18 @@ def test_cli_status(hm, capsys, monkeypatch):
     assert f"coordinator at {dead} did not answer status" in capsys.readouterr().err
 
 
+def test_coord_serve_process_stops_cleanly_on_sigint(hm):
+    p = hm.coord_serve("tcp://127.0.0.1:0", {"HOTWEIGHTS_COORD_BACKEND": "memory"},
+                       "--pub-endpoint", "tcp://127.0.0.1:0")
+    line = next(ln for ln in p.output if "serving tcp://" in ln)
+    endpoint = line.split("serving ")[1].split()[0]
+    cl = hm.client(endpoint)
+    assert cl.ping()["pub_endpoint"].startswith("tcp://127.0.0.1:")
+    cl.register("observer", "m", client_id="o", heartbeat=False)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(15) == 0
+
+
 def test_metrics_hook_sees_counters_and_gauges(make_harness):
     h = make_harness("memory")
     seen = []
@@ -796,6 +886,22 @@ def test_fencing_rejects_a_deposed_leader(redis_url):
         b.wipe()
         a.close()
         b.close()
+
+
+@pytest.mark.redis
+def test_redis_lease_is_renewed(make_harness):
+    """A lone leader keeps its lease (and serves writes) across many lease periods."""
+    h = make_harness("redis")
+    c = h.coord(leader_lease_s=1.0)
+    cl = h.client(c.endpoint, retries=0)
+    end = time.monotonic() + 3.5  # without renewal the lease would lapse 3 times
+    i = 0
+    while time.monotonic() < end:
+        cl.register("observer", "m", client_id=f"o{i % 4}", heartbeat=False)
+        i += 1
+        time.sleep(0.02)
+    assert c.is_leader and c.backend.epoch == 1
+    assert not [k for k in c.counters if k.endswith(".not_leader")]
 
 
 def _env(redis_url, prefix, **extra):

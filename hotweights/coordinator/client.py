@@ -160,8 +160,12 @@ class Client:
             while True:
                 endpoint = self.endpoints[index % len(self.endpoints)]
                 sock = self._socket(slot, endpoint)
-                _, data = P.encode_request(method, args, req_id=req_id, client=self.name,
-                                           token=self._token)
+                try:
+                    _, data = P.encode_request(method, args, req_id=req_id, client=self.name,
+                                               token=self._token)
+                except (TypeError, ValueError, OverflowError) as e:
+                    raise ValueError(f"{method}: the arguments cannot be sent as msgpack: "
+                                     f"{e}") from None
                 reply = self._roundtrip(slot, sock, data, req_id,
                                         min(time.monotonic() + per_attempt, deadline))
                 if reply is None:
@@ -283,7 +287,7 @@ class Client:
                     self._slots.remove(s)
             self._local.slot = None
 
-    # --- heartbeats --------------------------------------------------------------------------------
+    # --- heartbeats -------------------------------------------------------------------------------
 
     def start_heartbeat(self, client_id: str, period_s: float | None = None) -> None:
         """Heartbeats ``client_id`` from a daemon thread every ``heartbeat_s`` (idempotent).
@@ -316,7 +320,7 @@ class Client:
                     r = self.call("heartbeat", {"client_id": client_id}, retries=0)
                     if not r.get("known") and client_id in self._registrations:
                         self._reregister(client_id)
-                except (CoordinatorUnavailable, CoordinatorError) as e:
+                except Exception as e:  # keep beating through any failure; report it
                     if stop.is_set() or self._closed:
                         break
                     log.warning("heartbeat of %s failed: %s", client_id, e)

@@ -103,16 +103,19 @@ class Coordinator:
         # Timers: fine enough to notice a death within ~10% of dead_after_s.
         self.tick_s = min(max(min(cfg.heartbeat_s, cfg.dead_after_s / 4) / 2, 0.02), 0.5)
         self._ctx: zmq.Context | None = None
+        self._wake_addr = f"inproc://hotweights-coordinator-wake-{id(self):x}"
         self._router = self._pub = self._wake = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._stopping = False
+        self._in_run = False
         self._finished = threading.Event()
         self._leader = False
         self._leader_until = 0.0
         self._stale = True
         self._started_at = time.time()
+        self._pending: list = []  # answered requests waiting for their group's write
         self._parked_heap: list = []
         self._parked_by_key: dict[tuple, list[_Parked]] = {}
         self._parked_n = 0
@@ -147,20 +150,25 @@ class Coordinator:
         """Stops serving, answers parked long-polls, closes sockets and the backend."""
         self._stopping = True
         if self._ctx is not None and threading.current_thread() is not self._thread:
+            s = None
             try:  # wake the poller now rather than at its next timeout
                 s = self._ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.LINGER, 0)
                 s.connect(self._wake_addr)
                 s.send(b"stop", zmq.NOBLOCK)
-                s.close()
-            except zmq.ZMQError:
+            except (zmq.ZMQError, AttributeError):
                 pass  # already closing: the loop sees _stopping at its next wake-up
+            finally:
+                # Always closed: a socket left open would block the loop's ctx.term() forever.
+                if s is not None:
+                    s.close(0)
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise RuntimeError(f"Coordinator thread did not stop within {timeout} s")
-        elif self._thread is None:
-            self._finished.wait(timeout)
+        elif self._thread is None and self._in_run:  # serve_forever() in another thread
+            if not self._finished.wait(timeout):
+                raise RuntimeError(f"Coordinator did not stop within {timeout} s")
 
     @property
     def running(self) -> bool:
@@ -213,12 +221,13 @@ class Coordinator:
                 raise OSError(f"coordinator cannot bind PUB {self._pub_bind}: {e}") from None
             self._pub = p
             self.pub_endpoint = p.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._wake_addr = f"inproc://hotweights-coordinator-wake-{id(self):x}"
         self._wake = self._ctx.socket(zmq.PULL)
         self._wake.setsockopt(zmq.LINGER, 0)
         self._wake.bind(self._wake_addr)
 
     def _teardown(self) -> None:
+        if self._pending:
+            self._flush()
         for e in list(self._iter_parked()):
             self._reply_error(e.ident, e.env, e.req_id, "unavailable",
                               "the coordinator is shutting down")
@@ -237,6 +246,7 @@ class Coordinator:
             log.warning("closing %s: %s", self.backend.describe(), e)
 
     def _run(self) -> None:
+        self._in_run = True
         try:
             try:
                 self._setup()
@@ -278,22 +288,39 @@ class Coordinator:
                     except zmq.Again:
                         break
             if self._router in ready:
+                group_until = time.monotonic() + self.backend.group_commit_s
                 for _ in range(_BURST):
                     try:
                         frames = self._router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_frames(frames)
+                    self._guard(self._on_frames, frames)
+                    if self._pending and time.monotonic() >= group_until:
+                        self._guard(self._flush)
+                        group_until = time.monotonic() + self.backend.group_commit_s
+                self._guard(self._flush)
             now = time.monotonic()
             if self._leader and now > self._leader_until:
-                self._step_down(f"could not renew the leader lease for {self.lease_s} s")
+                self._guard(self._step_down,
+                            f"could not renew the leader lease for {self.lease_s} s")
             if now >= next_lease:
                 next_lease = now + self.lease_s / 3
-                self._leadership(now)
+                self._guard(self._leadership, now)
             if now >= next_tick:
                 next_tick = now + self.tick_s
-                self._tick()
-            self._service_parked(time.monotonic())
+                self._guard(self._tick)
+            self._guard(self._service_parked, time.monotonic())
+            self._guard(self._flush)
+
+    def _guard(self, fn, *args) -> None:
+        """Runs one step of the loop; a bug in it is logged and counted, never fatal."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("coordinator: %s failed", getattr(fn, "__name__", fn))
+            self.state.count("internal_errors")
+            # Memory may be half-changed: drop the group, rebuild from the backend.
+            self._fail_group("unavailable", "the coordinator hit an internal error; retry")
 
     def _leadership(self, now: float) -> None:
         try:
@@ -315,6 +342,7 @@ class Coordinator:
     def _step_down(self, why: str) -> None:
         log.warning("coordinator %s steps down: %s", self.endpoint, why)
         self._leader = False
+        self._fail_group("not_leader", f"coordinator {self.endpoint} stepped down: {why}")
         for e in list(self._iter_parked()):
             self._reply_error(e.ident, e.env, e.req_id, "not_leader",
                               f"coordinator {self.endpoint} stepped down: {why}")
@@ -513,19 +541,18 @@ class Coordinator:
             self._reply_error(ident, env, req_id, "unavailable",
                               f"the coordinator cannot read its state: {self._backend_error}")
             return True
+        ops = self.state.batch.ops
         try:
             result = self._dispatch(method, args)
         except P.CoordinatorError as e:
-            if self.state.batch:  # a handler failed half-way: do not trust memory, reload
-                self.state.take()
-                self._stale = True
+            if self.state.batch.ops != ops:  # failed half-way (handlers validate first: a bug)
+                self._fail_group("unavailable", f"{method} failed half-way; retry")
             self.state.count(f"requests.{method}.error")
             self._reply_error(ident, env, req_id, e.code, e.message)
             return True
         except Exception as e:
             log.exception("coordinator: %s failed", method)
-            self.state.take()
-            self._stale = True
+            self._fail_group("unavailable", f"{method} failed inside the coordinator; retry")
             self.state.count(f"requests.{method}.error")
             self._reply_error(ident, env, req_id, "internal",
                               f"{method} failed inside the coordinator: {type(e).__name__}")
@@ -540,15 +567,38 @@ class Coordinator:
                 return True
             self._park(ident, env, req_id, method, args)
             return False
-        err = self._commit()
-        if err is not None:
-            self.state.count(f"requests.{method}.error")
-            code = "not_leader" if not self._leader else "unavailable"
-            self._reply_error(ident, env, req_id, code, err)
-            return True
-        self.state.count(f"requests.{method}.ok")
-        self._send(ident, env, P.encode_reply(req_id, result))
+        # Encoded now (the state moves on), sent by _flush once the group is persisted.
+        self._pending.append((ident, env, req_id, method, P.encode_reply(req_id, result)))
         return True
+
+    def _flush(self) -> None:
+        """Note [Group commit]: requests that arrive together (within the backend's
+        ``group_commit_s`` of one poll wake-up) are written to the backend as one batch, and
+        only then answered: with Redis a burst costs one round trip instead of one per request,
+        and no client ever hears "ok" for a change the backend does not hold.
+        """
+        if not self._pending and not self.state.batch and not self.state.outbox:
+            return
+        err = self._commit()
+        pending, self._pending = self._pending, []
+        code = "not_leader" if not self._leader else "unavailable"
+        for ident, env, req_id, method, data in pending:
+            if err is None:
+                self.state.count(f"requests.{method}.ok")
+                self._send(ident, env, data)
+            else:
+                self.state.count(f"requests.{method}.error")
+                self._reply_error(ident, env, req_id, code, err)
+
+    def _fail_group(self, code: str, message: str) -> None:
+        """Discards the unwritten group: its changes are dropped (reload) and its requests get
+        an error instead of "ok" (they are idempotent: clients retry)."""
+        self.state.take()
+        self._stale = True
+        pending, self._pending = self._pending, []
+        for ident, env, req_id, method, _ in pending:
+            self.state.count(f"requests.{method}.error")
+            self._reply_error(ident, env, req_id, code, message)
 
     # --- parked long-polls -----------------------------------------------------------------------
 
@@ -582,8 +632,8 @@ class Coordinator:
             return
         if self._ready_result(e.method, result):
             self._finish(e)
-            self.state.count(f"requests.{e.method}.ok")
-            self._send(e.ident, e.env, P.encode_reply(e.req_id, result))
+            self._pending.append((e.ident, e.env, e.req_id, e.method,
+                                  P.encode_reply(e.req_id, result)))
 
     def _service_parked(self, now: float) -> None:
         st = self.state

@@ -268,8 +268,9 @@ class State:
                "version": old["version"] if same else None,
                "state": old["state"] if same and old["alive"] else "registered",
                "progress": old["progress"] if same else None}
-        if old is not None and old["model"] != a["model"]:
-            self._leave(old, "left", model_change=True)
+        if old is not None and not same:
+            # A new model or role: settle what the old registration leaves behind first.
+            self._leave(old, "left", replaced=True)
         self.clients[cid] = rec
         self.seen[cid] = time.monotonic()
         self._put_client(rec)
@@ -302,9 +303,9 @@ class State:
         self._leave(rec, "left")
         return {"known": True}
 
-    def _leave(self, rec: dict, action: str, model_change: bool = False) -> None:
+    def _leave(self, rec: dict, action: str, replaced: bool = False) -> None:
         cid = rec["client_id"]
-        if not model_change:
+        if not replaced:
             del self.clients[cid]
             self.seen.pop(cid, None)
             self.batch.delete("client", cid)
@@ -313,7 +314,7 @@ class State:
             if self.rseq.pop(cid, None) is not None:
                 self.batch.delete("meta", f"rseq:{cid}")
         else:
-            rec["alive"] = False  # temporarily, so that it stops counting for its old model
+            rec["alive"] = False  # the old record, so that it stops counting in its old role
         self._event(rec["model"], "client", action=action, client_id=cid, role=rec["role"],
                     node=rec["node"], device=rec["device"])
         self._settle_departure(rec, "publisher left", f"subscriber {cid} left", abort_on_dead=False)
@@ -549,7 +550,8 @@ class State:
             need = min(q, len(req))
         else:  # the epsilon keeps ceil(0.7 * 10) at 7 despite binary floating point
             need = max(1, math.ceil(q * len(req) - 1e-9))
-        have = sum(1 for c in vrec["precommitted"] if c in req)
+        req_set = set(req)
+        have = sum(1 for c in vrec["precommitted"] if c in req_set)
         if have >= need:
             self._commit(vrec)
 
@@ -686,10 +688,10 @@ class State:
     def _maybe_release(self, h: dict) -> bool:
         if h["handle_id"] not in self.handles:
             return True
-        refused = self._refused(h)
-        pending = [c for c in h["consumers"] if c not in h["acked"] and c not in h["errors"]
-                   and c not in refused and self._alive(c)]
-        if pending:
+        answered = set(h["acked"])
+        answered.update(h["errors"])
+        answered.update(self._refused(h))  # consumers that rejected the version never answer
+        if any(c not in answered and self._alive(c) for c in h["consumers"]):
             return False
         self._release(h, "nacked" if h["errors"] else "acked")
         return True
