@@ -123,8 +123,20 @@ class Publisher:
     def __init__(self, source, name: str = "model", endpoint: str | None = None, *,
                  bucket_bytes: int | None = None, slots: int | None = None,
                  quorum: Any = None, token: str | None = None, node: str | None = None,
-                 serve_late: bool = True, client: Client | None = None, config=None):
+                 serve_late: bool = True, change_tracking: str = "hash",
+                 optimizers: list | tuple = (), client: Client | None = None, config=None):
         self.cfg = config or _config.get()
+        if change_tracking not in ("hash", "version"):
+            raise ValueError(f"Publisher: change_tracking={change_tracking!r}, expected 'hash' or 'version'")
+        # Note [Change tracking]: "hash" re-hashes every tensor at every publish (always right).
+        # "version" re-hashes only tensors whose storage, shape, dtype or autograd version counter
+        # changed since the last publish, or whose optimizer stepped (step hooks below: fused
+        # optimizers do not bump version counters). Writes through `.data` or from native code
+        # that bypass both are NOT seen in this mode.
+        self.change_tracking = change_tracking
+        self._known: dict[str, tuple] = {}       # name -> (ptr, version, shape, dtype, checksum)
+        self._dirty: set[int] = set()            # ids of tensors an optimizer stepped
+        self._hooks = [opt.register_step_post_hook(self._on_optimizer_step) for opt in optimizers]
         self._source = source
         self.name = name
         tensors = _tensors_of(source)
@@ -192,8 +204,7 @@ class Publisher:
         if _device_of(tensors) != self.device:
             raise PublishError(f"source moved from {self.device} to {_device_of(tensors)}; "
                                "create a new Publisher for the new device")
-        manifest = Manifest.from_state_dict(tensors, model=self.name, label=label,
-                                            parent=self.version)
+        manifest = self._snapshot(tensors, label)
         t_manifest = time.perf_counter()
         subs = [c for c in self.client.clients(self.name)
                 if c["role"] == "subscriber" and c["alive"]]
@@ -250,6 +261,43 @@ class Publisher:
                                f"{info.get('reason') or xfer.failed or 'no reason given'}")
         self.version = version
         return res
+
+    def _on_optimizer_step(self, opt, args, kwargs) -> None:
+        for group in opt.param_groups:
+            self._dirty.update(id(p) for p in group["params"])
+
+    def _snapshot(self, tensors: dict[str, torch.Tensor], label) -> Manifest:
+        """The manifest of the source now (Note [Change tracking])."""
+        if self.change_tracking == "hash":
+            return Manifest.from_state_dict(tensors, model=self.name, label=label, parent=self.version)
+        names = list(tensors)
+        sums = np.zeros(len(names), np.uint64)
+        todo, keys = [], []
+        params = self._params  # state_dict() aliases share version counters with these
+        for i, (n, t) in enumerate(tensors.items()):
+            key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+            k = self._known.get(n)
+            if k is not None and k[:4] == key and id(params.get(n, t)) not in self._dirty:
+                sums[i] = k[4]
+            else:
+                todo.append(i)
+            keys.append(key)
+        if todo:
+            sums[todo] = ops.checksum_batch([tensors[names[i]].detach() for i in todo])
+        self._dirty.clear()
+        self._known = {n: (*keys[i], sums[i]) for i, n in enumerate(names)}
+        return Manifest(names, [dtype_name(t.dtype) for t in tensors.values()],
+                        [tuple(t.shape) for t in tensors.values()],
+                        np.fromiter((t.numel() * t.element_size() for t in tensors.values()),
+                                    np.int64, len(names)),
+                        sums, model=self.name, label=label, parent=self.version)
+
+    @property
+    def _params(self) -> dict[str, torch.Tensor]:
+        """Parameter objects by state-dict name (state_dict() returns detached aliases)."""
+        if isinstance(self._source, torch.nn.Module):
+            return dict(self._source.named_parameters())
+        return {}
 
     def _manifest(self, version: int | None) -> Manifest | None:
         if version is None:
@@ -456,6 +504,8 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
+        for h in self._hooks:
+            h.remove()
         with self._cv:
             self._cv.notify_all()
         for t in (self._releaser, self._watcher):

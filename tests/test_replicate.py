@@ -325,3 +325,30 @@ def test_consumer_sets_receive_only_their_tensors(coord):
         ha.close()
         hb.close()
         pub.close()
+
+
+def test_version_change_tracking_sees_optimizer_steps_and_skips_the_rest(coord):
+    src = make_model(21)
+    dst = make_model(22)
+    opt = torch.optim.AdamW(src[0].parameters(), lr=0.1, fused=True)  # fused: no version bump
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, change_tracking="version",
+                               optimizers=[opt])
+    h = dst.register_hotweights(name="m", endpoint=coord, commit="manual")
+    try:
+        h.wait(pub.publish("v1").version, timeout=30)
+        src(torch.randn(2, 32)).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            src[4].bias.add_(1)  # an in-place op bumps the version counter
+        r = pub.publish("v2")
+        assert r.tensors == 3  # 0.weight, 0.bias (optimizer), 4.bias (version counter)
+        h.wait(r.version, timeout=30)
+        assert same_state(snapshot(dst), snapshot(src))
+        # nothing touched: nothing re-hashed, nothing sent
+        r = pub.publish("v3")
+        assert r.tensors == 0 and r.bytes == 0
+        with pytest.raises(ValueError, match="change_tracking='magic'"):
+            hotweights.Publisher(src, name="m2", endpoint=coord, change_tracking="magic")
+    finally:
+        h.close()
+        pub.close()
