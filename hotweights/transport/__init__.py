@@ -1,5 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Inter-node transports (MPI > UCX > torch.distributed) and their auto-selection."""
+"""Inter-node transports (MPI > UCX > torch.distributed) and their auto-selection.
+
+Note [Transports]
+A transport moves one bucket (a uint8 tensor) point to point between a publisher and a node
+leader: ``isend(buf, peer, tag)`` / ``irecv(buf, peer, tag)`` return a :class:`Pending`, the
+bytes travel in chunks of ``HOTWEIGHTS_IPC_COPY_CHUNK_MB`` (so several buckets interleave under
+the window), and ``Pending.wait(timeout)`` completes them. Peers are named by the transport's
+own ``address`` (an MPI rank, a torch.distributed rank, a UCX host:port), which each client
+publishes in its coordinator registration. A transport that cannot take CUDA memory directly
+stages through pinned host buffers; ``cuda_direct`` says which, decided at run time and
+reported. Tags are private: each transport uses its own communicator/tag range so it never
+matches the application's messages.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +20,9 @@ import os
 from typing import Any
 
 from .. import config as _config
+from .base import Pending, Transport, TransportError
 
-__all__ = ["select_transport"]
+__all__ = ["select_transport", "create_transport", "Transport", "Pending", "TransportError"]
 
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 _TORCH_ENV = ("MASTER_ADDR", "RANK", "WORLD_SIZE")
@@ -55,3 +68,23 @@ def select_transport(forced: str | None = None, explain: bool = False) -> Any:
     if explain:
         return {"selected": sel, "reason": reason, "candidates": cands}
     return sel
+
+
+def create_transport(name: str | None = None, **kwargs) -> Transport | None:
+    """The transport ``name`` (default: :func:`select_transport`), or None for ``local``."""
+    sel = name or select_transport()
+    if sel == "local":
+        return None
+    if sel == "mpi":
+        from .mpi import MPITransport
+
+        return MPITransport(**kwargs)
+    if sel == "torch":
+        from .torchdist import TorchTransport
+
+        return TorchTransport(**kwargs)
+    if sel == "ucx":
+        from .ucx import UCXTransport
+
+        return UCXTransport(**kwargs)
+    raise TransportError(f"unknown transport {sel!r}: expected mpi, ucx, torch or local")
