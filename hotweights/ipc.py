@@ -109,6 +109,10 @@ class SlotRing:
         if self.device.type == "cuda":
             self._impl.record(i, torch.cuda.current_stream(self.device).cuda_stream)
 
+    def wait(self, i: int) -> None:
+        """The owner reads its own slots in stream order: nothing to wait for."""
+        _check_slot(i, self.slots)
+
     def invalidate(self) -> None:
         """CPU: bumps the region's generation so that outstanding handles are refused as stale."""
         if self.device.type == "cpu":

@@ -28,6 +28,7 @@ __all__ = [
     "copy_",
     "gather",
     "scatter",
+    "hash_pieces",
     "bucket_digest",
     "tensor_digest",
     "digest_host",
@@ -399,6 +400,36 @@ def scatter(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequenc
     h = _submit(tab[:, _DEVICE], _buffer_code(buf, len(tab)), ln, tptrs, bptrs,
                 _hash_base(toff, "scatter") if hash else None, (buf, tensors), "scatter")
     return h if async_op else h.wait(timeout)
+
+
+def hash_pieces(buf: torch.Tensor, offsets, lengths, tensor_offsets) -> np.ndarray:
+    """hw64 partial sums of byte pieces of a uint8 buffer, keyed like gather/scatter's (by the
+    piece's offset inside its tensor), without copying them anywhere: what a relay uses to
+    verify a bucket it only forwards."""
+    _check_buffer(buf, "hash_pieces")
+    offs = np.asarray(offsets, np.int64)
+    ln = np.asarray(lengths, np.int64)
+    toff = np.asarray(tensor_offsets, np.int64)
+    if not len(offs) == len(ln) == len(toff):
+        raise ValueError(f"hash_pieces: {len(offs)} offsets, {len(ln)} lengths, {len(toff)} tensor offsets")
+    bad = np.flatnonzero((offs < 0) | (ln < 0) | (offs + ln > buf.numel()))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"hash_pieces: piece {i} at {offs[i]} with {ln[i]} bytes runs past the "
+                         f"buffer of {buf.numel()} bytes")
+    base = _hash_base(toff, "hash_pieces")
+    ptr = buf.data_ptr()
+    if buf.device.type == "cpu":
+        return np.fromiter((_C.hw64_partial(ptr + int(o), int(n), int(k))
+                            for o, n, k in zip(offs, ln, base)), np.uint64, len(offs))
+    require_cuda_build("hashing CUDA memory")
+    st = copy_settings(buf.device, buf.device)
+    eng = _engine("cuda", buf.device.index, st.chunk_bytes, st.streams)
+    c = eng.submit(np.zeros(len(offs), np.uint64), np.asarray(ptr + offs, np.uint64),
+                   np.asarray(ln, np.uint64), np.arange(len(offs), dtype=np.int64),
+                   np.asarray(base, np.uint64), len(offs),
+                   torch.cuda.current_stream(buf.device).cuda_stream, True)
+    return np.asarray(CopyHandle(c, buf, ln).partials(), np.uint64)
 
 
 def _hash_base(offsets: np.ndarray, op: str) -> np.ndarray:

@@ -39,7 +39,9 @@ import torch
 from . import _C, ops
 from . import config as _config
 from .coordinator import Client, CoordinatorError
+from .dist import launch_info
 from .ipc import SlotRing, open_ring
+from .transport import Transport, TransportError, create_transport, select_transport
 from .manifest import Manifest, ManifestError, dtype_name
 from .plan import Plan, SubscriberSpec, make_plan
 
@@ -124,7 +126,8 @@ class Publisher:
                  bucket_bytes: int | None = None, slots: int | None = None,
                  quorum: Any = None, token: str | None = None, node: str | None = None,
                  serve_late: bool = True, change_tracking: str = "hash",
-                 optimizers: list | tuple = (), client: Client | None = None, config=None):
+                 optimizers: list | tuple = (), transport: str | Transport | None = "auto",
+                 client: Client | None = None, config=None):
         self.cfg = config or _config.get()
         if change_tracking not in ("hash", "version"):
             raise ValueError(f"Publisher: change_tracking={change_tracking!r}, expected 'hash' or 'version'")
@@ -148,6 +151,13 @@ class Publisher:
         self.quorum = quorum
         self.client = client or Client(endpoint, token=token)
         self._own_client = client is None
+        self.launch = launch_info()
+        self.node = node or self.launch.node
+        # Note [Hierarchy]: subscribers on other nodes are reached through one leader per node
+        # over an inter-node transport; created on first need (UCX listens only then).
+        self._transport_spec = transport
+        self._transport: Transport | None = transport if isinstance(transport, Transport) else None
+        self._tags = 0
         self.ring = SlotRing(self.bucket_bytes, self.slots, self.device, name=f"pub-{name}")
         self.window = _C.WindowController(
             base=min(self.cfg.ipc_inflight_buckets, self.slots),
@@ -155,11 +165,11 @@ class Publisher:
             min_window=min(self.cfg.ipc_min_inflight, self.slots),
             max_window=min(self.cfg.ipc_max_inflight, self.slots),
             target_s=self.cfg.ipc_target_bucket_ms / 1000.0)
-        reg = self.client.register(
-            "publisher", name, node=node or self.cfg.node, device=str(self.device),
-            capabilities={"ring": self.ring.handle(), "ring_id": self.ring.id,
-                          "slot_bytes": self.bucket_bytes, "slots": self.slots,
-                          "device": str(self.device), "pid": _pid()})
+        self._capabilities = {"ring": self.ring.handle(), "ring_id": self.ring.id,
+                              "slot_bytes": self.bucket_bytes, "slots": self.slots,
+                              "device": str(self.device), "pid": _pid(), "rank": self.launch.rank}
+        reg = self.client.register("publisher", name, node=self.node, device=str(self.device),
+                                   capabilities=self._capabilities)
         self.client_id = reg["client_id"]
         self.version: int | None = reg["current_version"]
         self._manifests: dict[int, Manifest] = {}
@@ -172,7 +182,9 @@ class Publisher:
         # Test hook: called with (bucket, slot tensor, attempt) after a bucket is gathered and
         # hashed, before it is announced (tests corrupt or delay slots through it).
         self.after_gather: Callable[[int, torch.Tensor, int], None] | None = None
-        self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "retries": 0, "expired": 0}
+        self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "retries": 0, "expired": 0,
+                      "relayed_bytes": 0}
+        self._routes: dict[str, dict] = {}  # subscriber id -> {"node", "leader", "peer"}
         self._released_after = 0
         self._releaser = threading.Thread(target=self._release_loop, name=f"hw-pub-{name}",
                                           daemon=True)
@@ -208,6 +220,7 @@ class Publisher:
         t_manifest = time.perf_counter()
         subs = [c for c in self.client.clients(self.name)
                 if c["role"] == "subscriber" and c["alive"]]
+        self._routes = self._route(subs)
         specs = [SubscriberSpec(c["client_id"], self._manifest(c["version"]),
                                 c["consumer"] or None) for c in subs]
         plan = make_plan(manifest, specs, self.bucket_bytes)
@@ -261,6 +274,52 @@ class Publisher:
                                f"{info.get('reason') or xfer.failed or 'no reason given'}")
         self.version = version
         return res
+
+    def _route(self, subs: list[dict]) -> dict[str, dict]:
+        """Who reads this publisher's ring directly (same node) and who gets buckets through
+        the leader of its node (Note [Hierarchy])."""
+        by_node: dict[str, list[dict]] = {}
+        for c in subs:
+            by_node.setdefault(c["node"], []).append(c)
+        routes = {}
+        for node, members in by_node.items():
+            if node == self.node:
+                for c in members:
+                    routes[c["client_id"]] = {"node": node, "leader": None}
+                continue
+            t = self._get_transport(node)
+            # the leader: lowest rank of the node (client id breaks ties / rank-less processes)
+            leader = min(members, key=lambda c: (c["capabilities"].get("rank") is None,
+                                                 c["capabilities"].get("rank") or 0, c["client_id"]))
+            if t.name in ("mpi", "torch"):
+                peer = leader["capabilities"].get("rank")
+                if peer is None:
+                    raise PublishError(f"subscriber {leader['client_id']} on node {node!r} has no "
+                                       f"{t.name} rank; launch every process with the same launcher")
+            else:
+                peer = leader["client_id"]  # it connects to us and introduces itself
+            for c in members:
+                routes[c["client_id"]] = {"node": node, "leader": leader["client_id"], "peer": peer}
+        return routes
+
+    def _get_transport(self, node: str) -> Transport:
+        if self._transport is None:
+            name = None if self._transport_spec in ("auto", None) else self._transport_spec
+            sel = name or select_transport()
+            if sel == "local" or self._transport_spec is None:
+                raise PublishError(
+                    f"subscribers on node {node!r} cannot map this publisher's ring (node "
+                    f"{self.node!r}) and there is no inter-node transport: launch with mpirun or "
+                    "torchrun, install ucxx, or set HOTWEIGHTS_TRANSPORT")
+            self._transport = create_transport(sel)
+            self._capabilities.update(transport=self._transport.name,
+                                      address=getattr(self._transport, "listen_address",
+                                                      self._transport.address))
+            self.client.register("publisher", self.name, node=self.node, device=str(self.device),
+                                 capabilities=self._capabilities, client_id=self.client_id)
+            log.info("publisher %s: inter-node transport %s (%s)", self.name,
+                     self._transport.name, self._transport.describe())
+        return self._transport
 
     def _on_optimizer_step(self, opt, args, kwargs) -> None:
         for group in opt.param_groups:
@@ -387,15 +446,42 @@ class Publisher:
         self.ring.record(slot)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+        used = int(plan.bucket_used[b])
+        consumers, relay, sends = [], {}, []
+        for c in plan.consumers(b):
+            r = self._routes.get(c, {"leader": None})
+            if r["leader"] is None:
+                consumers.append(c)
+                continue
+            leader = r["leader"]
+            if leader not in relay:
+                self._tags += 1
+                relay[leader] = {"to": [], "need": False, "tag": self._tags, "nbytes": used,
+                                 "src": self._transport.address, "transport": self._transport.name,
+                                 "slot_bytes": self.bucket_bytes}
+                consumers.append(leader)
+                sends.append((leader, r["peer"], self._tags))
+            if c == leader:
+                relay[leader]["need"] = True
+            else:
+                relay[leader]["to"].append(c)
         hid = uuid.uuid4().hex
         with self._cv:
-            self._inflight[hid] = (slot, b, int(plan.bucket_used[b]), time.perf_counter(), xfer)
+            self._inflight[hid] = (slot, b, used, time.perf_counter(), xfer, [])
         try:
-            self.client.post_handle(
-                self.client_id, self.name, xfer.version,
-                {"bucket": b, "slot": slot, "digest": digest, "ring_id": self.ring.id,
-                 "attempt": attempt},
-                consumers=list(plan.consumers(b)), handle_id=hid)
+            payload = {"bucket": b, "slot": slot, "digest": digest, "ring_id": self.ring.id,
+                       "attempt": attempt}
+            if relay:
+                payload["relay"] = relay
+            self.client.post_handle(self.client_id, self.name, xfer.version, payload,
+                                    consumers=consumers, handle_id=hid)
+            # bytes cross to each remote node once, to its leader (Note [Hierarchy]); started
+            # under the lock so the release of this handle always sees its sends
+            with self._cv:
+                for leader, peer, tag in sends:
+                    pend = self._transport.isend(self.ring.slot(slot)[:used], peer, tag)
+                    self._inflight[hid][5].append(pend)
+                    self.stats["relayed_bytes"] += used
         except Exception:
             with self._cv:
                 self._inflight.pop(hid, None)
@@ -420,12 +506,24 @@ class Publisher:
                 self._released_after = r["last"]
                 now = time.perf_counter()
                 with self._cv:
-                    for rel in r["released"]:
-                        entry = self._inflight.pop(rel["handle_id"], None)
+                    done = [(rel, self._inflight.pop(rel["handle_id"], None)) for rel in r["released"]]
+                # Sends to relays are settled outside the lock: a dead peer may take a while.
+                for rel, entry in done:
+                    if entry is not None:
+                        self._settle_sends(entry[5], entry[1])
+                with self._cv:
+                    for rel, entry in done:
                         if entry is None:
                             continue
-                        slot, b, nbytes, t_post, xfer = entry
+                        slot, b, nbytes, t_post, xfer, _ = entry
                         self._free.append(slot)
+                        lost = [c for c in rel.get("missing", []) if self._is_leader(c)]
+                        if lost and xfer is self._transfer and not xfer.failed:
+                            # a node's relay is gone: its subscribers cannot finish this version
+                            xfer.failed = (f"relay {lost[0]} of node "
+                                           f"{self._routes[lost[0]]['node']!r} did not take bucket "
+                                           f"{b} ({rel['reason']}); aborting")
+                            continue
                         if rel["reason"] == "acked":
                             self.window.on_complete(time.monotonic(), max(now - t_post, 1e-6), max(nbytes, 1))
                             xfer.acked_bytes += int(xfer.plan.piece_length[xfer.plan.pieces(b)].sum())
@@ -436,6 +534,18 @@ class Publisher:
                     self._cv.notify_all()
         finally:
             self.client.release_thread()
+
+    def _is_leader(self, cid: str) -> bool:
+        return any(r.get("leader") == cid for r in self._routes.values())
+
+    def _settle_sends(self, sends, b: int) -> None:
+        """A slot is reused only once the transport is done reading it."""
+        for p in sends:
+            try:
+                p.wait(self.cfg.request_timeout_s)
+            except (TimeoutError, TransportError) as e:
+                log.warning("publisher %s: relay send of bucket %d did not complete: %s",
+                            self.name, b, e)
 
     def _handle_failure(self, xfer: _Transfer, b: int, rel: dict) -> None:
         if rel["reason"] == "expired":
@@ -517,6 +627,8 @@ class Publisher:
             log.warning("publisher %s: deregister failed: %s", self.name, e)
         if self._own_client:
             self.client.close()
+        if self._transport is not None and not isinstance(self._transport_spec, Transport):
+            self._transport.close()
         self.ring = None
 
     def __enter__(self):
@@ -579,9 +691,11 @@ class Subscriber:
         self.device = devs.pop() if devs else torch.device("cpu")
         self.client = client or Client(endpoint, token=token)
         self._own_client = client is None
-        reg = self.client.register("subscriber", name, node=node or self.cfg.node,
-                                   device=str(self.device), consumer=self.consumer or [],
-                                   capabilities={"pid": _pid()})
+        self.launch = launch_info()
+        self.node = node or self.launch.node
+        self._capabilities = {"pid": _pid(), "rank": self.launch.rank}
+        reg = self.client.register("subscriber", name, node=self.node, device=str(self.device),
+                                   consumer=self.consumer or [], capabilities=self._capabilities)
         self.client_id = reg["client_id"]
         self.version: int | None = None         # applied version
         self.current_version = reg["current_version"]
@@ -591,9 +705,13 @@ class Subscriber:
         self._closed = False
         self.errors: list[tuple[int, str]] = []
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0}
-        self._rings: dict[str, Any] = {}          # publisher client id -> ring import
-        # Test hook: called with the bucket index before each scatter.
+        self._rings: dict[str, Any] = {}          # owner client id -> ring import
+        self._transport: Transport | None = None  # created when this subscriber first relays
+        self._relay: _Relay | None = None
+        # Test hooks: called with the bucket index before each scatter, and with (version,
+        # bucket) before relaying a bucket to this node.
         self.before_scatter: Callable[[int], None] | None = None
+        self.before_relay: Callable[[int, int], None] | None = None
         self._thread = threading.Thread(target=self._loop, name=f"hw-sub-{name}", daemon=True)
         self._thread.start()
 
@@ -649,15 +767,8 @@ class Subscriber:
             return
         buckets = plan.buckets_for(self.client_id)
         self._drop_dead_rings()
-        ring = None
-        if buckets:
-            try:
-                ring = self._ring_of(info["publisher"])
-            except Exception as e:
-                self._fail(version, f"cannot import the publisher's ring: {e}")
-                return
         shadows = self._shadows(plan, mine)
-        staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, ring, t0)
+        staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, t0)
         if staged is None:
             # aborted, refused or failed: the staging goes, nothing was applied
             shadows.clear()
@@ -669,7 +780,7 @@ class Subscriber:
         if self.on_staged:
             self.on_staged(staged)
 
-    def _receive_buckets(self, version, info, plan, mine, buckets, shadows, ring, t0):
+    def _receive_buckets(self, version, info, plan, mine, buckets, shadows, t0):
         acc = np.zeros(len(plan.names), np.uint64)
         todo = set(buckets)
         after, nbytes, t_first = 0, 0, None
@@ -689,12 +800,32 @@ class Subscriber:
                 p = h["payload"]
                 b = int(p["bucket"])
                 t_first = t_first or time.perf_counter()
+                rinfo = (p.get("relay") or {}).get(self.client_id)
+                if rinfo is not None:  # we are our node's leader for this bucket
+                    ok, err, partials = self._relay_bucket(version, plan, b, h, rinfo, shadows,
+                                                           b in todo)
+                    if ok and partials is not None:
+                        np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
+                        todo.discard(b)
+                        nbytes += int(plan.piece_length[plan.pieces(b)].sum())
+                        self.stats["buckets"] += 1
+                    elif not ok:
+                        self.stats["nacks"] += 1
+                        log.warning("subscriber %s: %s", self.name, err)
+                    self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
+                    continue
                 if b not in todo:  # a re-send of a bucket we already hold
                     self.client.ack_handle(self.client_id, h["handle_id"], True)
                     continue
                 if self.before_scatter is not None:
                     self.before_scatter(b)
-                ok, err, partials = self._scatter(ring, plan, b, int(p["slot"]), int(p["digest"]),
+                try:
+                    src_ring = self._ring_of(h["owner"])
+                except Exception as e:
+                    self.client.ack_handle(self.client_id, h["handle_id"], False,
+                                           f"cannot import the ring of {h['owner']}: {e}")
+                    continue
+                ok, err, partials = self._scatter(src_ring, plan, b, int(p["slot"]), int(p["digest"]),
                                                   shadows)
                 if ok:
                     np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
@@ -750,6 +881,58 @@ class Subscriber:
             ring = open_ring(pub["capabilities"]["ring"], self.device)
             self._rings[publisher_id] = ring
         return ring
+
+    def _transport_for(self, name: str) -> Transport:
+        if self._transport is None:
+            kw = {"identity": self.client_id} if name == "ucx" else {}
+            self._transport = create_transport(name, **kw)
+            log.info("subscriber %s: relays for node %r over %s", self.name, self.node, name)
+        elif self._transport.name != name:
+            raise TransportError(f"the publisher relays over {name}, this process already uses "
+                                 f"{self._transport.name}")
+        return self._transport
+
+    def _relay_bucket(self, version: int, plan: Plan, b: int, h: dict, rinfo: dict,
+                      shadows: dict, need: bool):
+        """Receives bucket b over the transport into our relay ring, verifies it (taking it
+        when we need it ourselves) and re-announces it to our node (Note [Hierarchy])."""
+        if self.before_relay is not None:
+            self.before_relay(version, b)
+        if self._relay is None:
+            self._relay = _Relay(self, int(rinfo["slot_bytes"]))
+        relay = self._relay
+        try:
+            slot = relay.acquire(self.cfg.handle_ttl)
+        except TimeoutError as e:
+            return False, f"relay of node {self.node!r}: {e}", None
+        digest = int(h["payload"]["digest"])
+        try:
+            t = self._transport_for(rinfo["transport"])
+            buf = relay.ring.slot(slot)[:int(rinfo["nbytes"])]
+            t.irecv(buf, rinfo["src"], int(rinfo["tag"])).wait(self.cfg.handle_ttl)
+            relay.ring.record(slot)
+            if need:
+                ok, err, partials = self._scatter(relay.ring, plan, b, slot, digest, shadows)
+            else:
+                got = ops.bucket_digest(ops.hash_pieces(
+                    relay.ring.slot(slot), plan.piece_slot_offset[plan.pieces(b)],
+                    plan.piece_length[plan.pieces(b)], plan.piece_tensor_offset[plan.pieces(b)]),
+                    plan.piece_length[plan.pieces(b)])
+                ok, partials = got == digest, None
+                err = None if ok else f"checksum mismatch in relayed bucket {b}"
+            if ok and rinfo["to"]:
+                hid = uuid.uuid4().hex
+                relay.hold(hid, slot)
+                self.client.post_handle(self.client_id, self.name, version,
+                                        {"bucket": b, "slot": slot, "digest": digest,
+                                         "ring_id": relay.ring.id, "relayed": True},
+                                        consumers=list(rinfo["to"]), handle_id=hid)
+            else:
+                relay.release(slot)
+            return ok, err, partials
+        except (TransportError, TimeoutError, CoordinatorError) as e:
+            relay.release(slot)
+            return False, f"relay of bucket {b} to node {self.node!r} failed: {e}", None
 
     def _drop_dead_rings(self) -> None:
         """Unmaps the rings of publishers that left or died, so their memory can go."""
@@ -835,6 +1018,9 @@ class Subscriber:
             return
         self._closed = True
         self._thread.join(5)
+        if self._relay is not None:  # before the client goes: its loop long-polls with it
+            self._relay.close()
+            self._relay = None
         try:
             self.client.deregister(self.client_id)
         except Exception as e:
@@ -845,3 +1031,74 @@ class Subscriber:
         for ring in self._rings.values():
             ring.close()
         self._rings.clear()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+
+class _Relay:
+    """A node leader's ring (Note [Hierarchy]): buckets received over the inter-node transport
+    wait here until every subscriber of the node acked them. Exported once, through the
+    leader's coordinator registration."""
+
+    def __init__(self, sub: Subscriber, slot_bytes: int):
+        self.sub = sub
+        self.ring = SlotRing(slot_bytes, sub.cfg.ipc_max_inflight, sub.device, name=f"relay-{sub.name}")
+        self._free = list(range(self.ring.slots))
+        self._held: dict[str, int] = {}
+        self._cv = threading.Condition()
+        self._closed = False
+        sub._capabilities.update(ring=self.ring.handle(), ring_id=self.ring.id)
+        sub.client.register("subscriber", sub.name, node=sub.node, device=str(sub.device),
+                            consumer=sub.consumer or [], capabilities=sub._capabilities,
+                            client_id=sub.client_id)
+        self._after = 0
+        self._thread = threading.Thread(target=self._loop, name=f"hw-relay-{sub.name}", daemon=True)
+        self._thread.start()
+
+    def acquire(self, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        with self._cv:
+            while not self._free:
+                left = end - time.monotonic()
+                if left <= 0 or self._closed:
+                    raise TimeoutError(f"no free relay slot within {timeout} s")
+                self._cv.wait(left)
+            return self._free.pop()
+
+    def hold(self, hid: str, slot: int) -> None:
+        with self._cv:
+            self._held[hid] = slot
+
+    def release(self, slot: int) -> None:
+        with self._cv:
+            self._free.append(slot)
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        client = self.sub.client
+        try:
+            while not self._closed:
+                try:
+                    r = client.released(self.sub.client_id, after=self._after, wait_ms=1000)
+                except Exception as e:
+                    if self._closed:
+                        return
+                    log.warning("relay %s: waiting for releases failed: %s", self.sub.name, e)
+                    time.sleep(0.5)
+                    continue
+                self._after = r["last"]
+                with self._cv:
+                    for rel in r["released"]:
+                        slot = self._held.pop(rel["handle_id"], None)
+                        if slot is not None:
+                            self._free.append(slot)
+                    self._cv.notify_all()
+        finally:
+            client.release_thread()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._cv:
+            self._cv.notify_all()
+        self._thread.join(5)

@@ -1,0 +1,39 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Subscriber processes on simulated nodes for the inter-node fault test (spawned)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def subscriber(i: int, endpoint: str, env: dict, q, stop, mid) -> None:
+    os.environ.update(env)
+    import torch
+
+    import hotweights
+    from hotweights.manifest import Manifest
+
+    torch.set_num_threads(1)
+    torch.manual_seed(500 + i)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    h = m.register_hotweights(name="net", endpoint=endpoint, commit="manual")
+
+    def hold(version, bucket):
+        if version == int(env["KILL_IN_VERSION"]):
+            mid.set()          # the parent kills us: a relay dying mid-version
+            time.sleep(3600)
+
+    h._sub.before_relay = hold
+    q.put(("ready", i, h.client_id, os.getpid()))
+    try:
+        while not stop.is_set():
+            try:
+                v = h.wait(timeout=0.5)
+            except TimeoutError:
+                continue
+            q.put(("applied", i, v, Manifest.from_state_dict(m).digest, h._sub._relay is not None))
+    except Exception as e:
+        q.put(("error", i, f"{type(e).__name__}: {e}"))
+    finally:
+        h.close()

@@ -1,0 +1,163 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Between nodes, simulated on one machine by node ids: mpirun and torchrun launches of
+2 nodes x 2 ranks, and a relay that dies mid-version."""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import hotweights
+from hotweights import config
+from hotweights.coordinator import start_embedded
+from hotweights.manifest import Manifest
+
+from internode_children import subscriber
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "internode_worker.py")
+ROOT = os.path.dirname(HERE)
+
+
+def _env(**extra):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMPI_ALLOW_RUN_AS_ROOT": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "GLOO_SOCKET_IFNAME": "lo", **extra}
+    env.pop("HOTWEIGHTS_TRANSPORT", None)
+    env.update(extra)
+    return env
+
+
+def _check(out: subprocess.CompletedProcess, transport: str) -> None:
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    steps = re.findall(r"RESULT step=(\d) version=\d+ bytes=(\d+) relayed_total=(\d+) "
+                       r"transport=(\w+) identical=(\w+) relays=\[(.*?)\]", text)
+    assert len(steps) == 2, text[-3000:]
+    full, delta = int(steps[0][1]), int(steps[1][1])
+    assert delta == 64 * 256 * 4 < full  # the second version is a delta
+    for _, _, _, t, identical, relays in steps:
+        assert t == transport and identical == "True"
+        assert relays.replace(" ", "") == "False,True,False"  # rank 2 leads node1
+    crossed, expected = map(int, re.search(r"RESULT crossed=(\d+) expected_once_per_node=(\d+)", text).groups())
+    assert crossed == expected == full + delta  # once per node, not once per subscriber
+    assert text.count("done ok=True") == 4
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_mpirun_two_nodes_two_ranks():
+    out = subprocess.run(["mpirun", "--oversubscribe", "-n", "4", sys.executable, WORKER],
+                         capture_output=True, text=True, timeout=300, env=_env(),
+                         stdin=subprocess.DEVNULL, cwd=ROOT)
+    _check(out, "mpi")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("forced", [None, "torch"])
+def test_torchrun_two_nodes_two_ranks(forced):
+    extra = {"HOTWEIGHTS_TRANSPORT": forced} if forced else {}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "4", WORKER], capture_output=True, text=True,
+                         timeout=300, env=_env(**extra), stdin=subprocess.DEVNULL, cwd=ROOT)
+    auto = "ucx" if importlib.util.find_spec("ucxx") else "torch"
+    _check(out, forced or auto)
+
+
+FAST = {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
+        "HOTWEIGHTS_HANDLE_TTL": "5", "HOTWEIGHTS_VERSION_TIMEOUT_S": "60",
+        "HOTWEIGHTS_TRANSPORT": "ucx"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed")
+def test_relay_dies_mid_version_then_next_version_succeeds(monkeypatch):
+    for k, v in FAST.items():
+        monkeypatch.setenv(k, v)
+    config.reset()
+    coord = start_embedded()
+    ctx = mp.get_context("spawn")
+    q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
+    nodes = ["node0", "node1", "node1"]
+    procs = [ctx.Process(target=subscriber, daemon=True,
+                         args=(i, coord.endpoint, {**FAST, "HOTWEIGHTS_NODE_ID": n, "KILL_IN_VERSION": "2"},
+                               q, stop, mid)) for i, n in enumerate(nodes)]
+    for p in procs:
+        p.start()
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    pub = hotweights.Publisher(src, name="net", endpoint=coord.endpoint, node="node0",
+                               bucket_bytes=16384, slots=4, serve_late=False, transport="ucx")
+
+    def applied(version, who, timeout=60):
+        got, end = {}, time.monotonic() + timeout
+        while set(got) != set(who):
+            msg = q.get(timeout=max(0.1, end - time.monotonic()))
+            if msg[0] == "error":
+                raise AssertionError(f"subscriber {msg[1]}: {msg[2]}")
+            if msg[0] == "applied" and msg[2] == version:
+                got[msg[1]] = msg
+        return got
+
+    try:
+        pids = {}
+        for _ in procs:
+            _, i, _cid, pid = q.get(timeout=60)
+            pids[i] = pid
+        r1 = pub.publish("v1")
+        got = applied(r1.version, {0, 1, 2})
+        want = Manifest.from_state_dict(src).digest
+        assert all(m[3] == want for m in got.values())
+        leader = next(i for i, m in got.items() if m[4])
+        assert nodes[leader] == "node1" and pub.stats["relayed_bytes"] == r1.bytes
+        # v2: the relay of node1 dies mid-version -> a clear, bounded abort
+        with torch.no_grad():
+            src[0].weight.add_(1)
+        import threading
+
+        err = {}
+        t0 = time.monotonic()
+        th = threading.Thread(target=lambda: err.setdefault("e", _raises(pub.publish, "v2")))
+        th.start()
+        assert mid.wait(60)
+        os.kill(pids[leader], signal.SIGKILL)
+        th.join(90)
+        elapsed = time.monotonic() - t0
+        assert not th.is_alive(), "publish hung after the relay died"
+        assert isinstance(err.get("e"), hotweights.PublishError), err
+        assert "relay" in str(err["e"]) and "node1" in str(err["e"])
+        assert elapsed < 60
+        # v3 goes through the survivors: node1's other subscriber becomes its relay
+        with torch.no_grad():
+            src[2].weight.add_(1)
+        r3 = pub.publish("v3")
+        survivors = {0, 1, 2} - {leader}
+        got = applied(r3.version, survivors)
+        want = Manifest.from_state_dict(src).digest
+        assert all(m[3] == want for m in got.values())
+        new_leader = next(i for i in survivors if nodes[i] == "node1")
+        assert got[new_leader][4]  # it relays now
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+        pub.close()
+        coord.stop()
+
+
+def _raises(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:
+        return e
+    return None
