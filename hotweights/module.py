@@ -135,6 +135,7 @@ class HotweightsHandle:
         self._lock = _ForwardLock()
         self._cv = threading.Condition()
         self._staged: StagedVersion | None = None
+        self._frozen = False  # commit_collective: no new staging between agreement and apply
         self._callbacks: list[Callable[[CommitInfo], None]] = []
         self.version: int | None = None
         self.last_error: str | None = None
@@ -162,6 +163,8 @@ class HotweightsHandle:
 
     def _on_staged(self, staged: StagedVersion) -> None:
         with self._cv:
+            while self._frozen:
+                self._cv.wait()
             old, self._staged = self._staged, staged
             self._cv.notify_all()
         if old is not None:  # superseded before it was applied: its buffers go back to the pool
@@ -212,6 +215,41 @@ class HotweightsHandle:
                                        f"within {timeout} s (applied: {self.version})")
                 self._cv.wait(left if left is not None else 1.0)
         return self._apply(None if end is None else max(0.0, end - time.monotonic())) if apply else s.version
+
+    def commit_collective(self, group=None, timeout: float | None = None) -> int | None:
+        """The safe barrier of data-parallel replicas: every rank of ``group`` (a
+        torch.distributed group; default: the whole world) calls this at the same step; a
+        version is applied only when every rank has the *same* committed version staged, so
+        gradients are never averaged across different weights. Returns the version applied
+        (None when the ranks did not agree yet: they retry at a later step).
+
+        Note [Collective commit]: an all-reduce computes min and max of the staged versions
+        (-1 for none); min == max >= 0 means everyone holds it. Subscribers stage every
+        committed version within moments of each other (the coordinator commits once all of
+        them precommitted), so disagreement lasts at most a step or two. A rank that refused a
+        version keeps the whole group on the old one, by design."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("commit_collective: torch.distributed is not initialised")
+        with self._cv:
+            self._frozen = True
+            staged = self.staged_version
+        try:
+            mine = -1 if staged is None else int(staged)
+            backend = str(dist.get_backend(group))
+            dev = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                   else torch.device("cpu"))
+            t = torch.tensor([mine, -mine], dtype=torch.int64, device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+            lo, hi = int(t[0]), -int(t[1])
+            if lo < 0 or lo != hi:
+                return None
+            return self._apply(timeout)  # the staged version cannot change while frozen
+        finally:
+            with self._cv:
+                self._frozen = False
+                self._cv.notify_all()
 
     def close(self) -> None:
         """Removes the hooks, stops receiving, deregisters and frees the staging."""
