@@ -151,6 +151,14 @@ class RingImport:
             raise HandleError(f"ring {self.id}: region holds {self._impl.size} bytes, the handle "
                               f"describes {self.slots}x{self.slot_bytes}")
 
+    @property
+    def source_device(self) -> torch.device:
+        """Where the ring's memory lives, in this process's device numbering (the exporter's
+        GPU is found by UUID, so CUDA_VISIBLE_DEVICES may differ between the processes)."""
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        return torch.device("cuda", self._impl.ring_device)
+
     def slot(self, i: int) -> torch.Tensor:
         """uint8 view of slot i (read it only after wait(i) on CUDA)."""
         i = _check_slot(i, self.slots)
