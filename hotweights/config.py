@@ -160,6 +160,13 @@ def _gds(s: str) -> str:
     raise ValueError("expected 0, 1 or require")
 
 
+def _bind_addr(s: str) -> str:
+    v = s.strip()
+    if not v or not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]+", v):
+        raise ValueError("expected an address to listen on, such as 127.0.0.1 or 0.0.0.0")
+    return v
+
+
 def _log_level(s: str) -> str:
     v = s.strip().upper()
     if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -226,7 +233,8 @@ _SETTINGS: tuple[Setting, ...] = (
     # storage
     _s("use_gds", "off", _gds, "GPUDirect Storage for checkpoint reads: 0, 1 (prefer), require.", "storage"),
     # observability
-    _s("metrics_port", 0, _int(0, 65535), "Prometheus port (+ local rank); 0 = off in library use.", "observability"),
+    _s("metrics_port", 0, _int(0, 65535), "Prometheus exporter port (+ local rank); 0 = off in library use.", "observability"),
+    _s("metrics_addr", "127.0.0.1", _bind_addr, "Address the Prometheus exporter listens on (0.0.0.0: every interface, for a remote Prometheus).", "observability"),
     _s("log_level", "WARNING", _log_level, "Log level of the hotweights logger.", "observability"),
 )
 

@@ -8,6 +8,10 @@ publishes a few versions (a full one, partial fine-tunes, a full change); for ea
 bytes moved, the time from publish to commit, the largest commit pause, and whether every
 subscriber switched cleanly: its weights hash to the published manifest and its logits on a probe
 prompt equal the publisher's bit for bit.
+
+Every process exports Prometheus metrics (docs/metrics.md): the publisher and the embedded
+coordinator on ``--metrics-port`` (rank 0), subscriber i on ``--metrics-port`` + i + 1;
+``--hold`` keeps everything running after the last version so that Prometheus can scrape it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import time
 
 import torch
 
-__all__ = ["TinyLM", "main", "add_cli"]
+__all__ = ["TinyLM", "main", "add_cli", "DEMO_METRICS_PORT"]
+
+DEMO_METRICS_PORT = 9465  # base port: publisher + coordinator; subscriber i: + i + 1
 
 
 class Block(torch.nn.Module):
@@ -69,12 +75,18 @@ def _probe_bytes(model: torch.nn.Module) -> bytes:
         return model(PROBE).numpy().tobytes()
 
 
-def _subscriber(i: int, endpoint: str, swap: str, size: dict, q, stop) -> None:
+def _subscriber(i: int, endpoint: str, swap: str, size: dict, q, stop, metrics_port: int) -> None:
     """An inference replica: generates continuously; reports each applied version."""
     import hotweights
-    from hotweights import ops
+    from hotweights import metrics, ops
 
     torch.set_num_threads(1)
+    if metrics_port:
+        try:
+            metrics.start_exporter(metrics_port + i + 1, rank=i + 1, source="demo subscriber")
+        except metrics.MetricsError as e:
+            q.put(("error", i, str(e)))
+            return
     model = TinyLM(**size, seed=100 + i).eval()
     h = model.register_hotweights(name="demo-lm", endpoint=endpoint, commit="on_forward", swap=swap)
     reported = None
@@ -101,9 +113,13 @@ def _bar(done: int, total: int, width: int = 28) -> str:
     return "[" + "#" * int(frac * width) + "." * (width - int(frac * width)) + f"] {frac:4.0%}"
 
 
-def main(versions: int = 4, subscribers: int = 2, size: str = "small", timeout: float = 60.0) -> int:
-    """Runs the demo; returns 0 when every version switched cleanly on every subscriber."""
+def main(versions: int = 4, subscribers: int = 2, size: str = "small", timeout: float = 60.0,
+         metrics_port: int = DEMO_METRICS_PORT, hold: float = 0.0) -> int:
+    """Runs the demo; returns 0 when every version switched cleanly on every subscriber.
+    ``metrics_port`` 0 turns the exporters off; ``hold`` (s) keeps the processes running after
+    the last version."""
     import hotweights
+    from hotweights import metrics
     from hotweights.coordinator import start_embedded
 
     torch.set_num_threads(1)
@@ -112,7 +128,15 @@ def main(versions: int = 4, subscribers: int = 2, size: str = "small", timeout: 
         raise ValueError(f"demo: size={size!r}, expected one of {', '.join(sizes)}")
     if not 1 <= subscribers <= 8:
         raise ValueError(f"demo: subscribers={subscribers}, expected 1..8")
+    if metrics_port and not 1 <= metrics_port <= 65535 - subscribers:
+        raise ValueError(f"demo: metrics_port={metrics_port}, expected 0 (off) or a port in "
+                         f"1..{65535 - subscribers}")
+    if hold < 0:
+        raise ValueError(f"demo: hold={hold}, expected seconds >= 0")
     t_start = time.monotonic()
+    scrape = None
+    if metrics_port and metrics.start_exporter(metrics_port, rank=0, source="demo publisher"):
+        scrape = metrics.exporter_url()
     coord = start_embedded()
     trainer = TinyLM(**sizes[size], seed=0)
     n_params = sum(p.numel() for p in trainer.parameters())
@@ -121,7 +145,9 @@ def main(versions: int = 4, subscribers: int = 2, size: str = "small", timeout: 
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
     swaps = ["storage", "inplace"]
-    procs = [ctx.Process(target=_subscriber, args=(i, coord.endpoint, swaps[i % 2], sizes[size], q, stop),
+    sub_port = metrics_port if scrape else 0  # off when the publisher's exporter is off
+    procs = [ctx.Process(target=_subscriber,
+                         args=(i, coord.endpoint, swaps[i % 2], sizes[size], q, stop, sub_port),
                          daemon=True) for i in range(subscribers)]
     for p in procs:
         p.start()
@@ -136,7 +162,13 @@ def main(versions: int = 4, subscribers: int = 2, size: str = "small", timeout: 
                 raise RuntimeError(f"subscriber {msg[1]}: {msg[2]}")
             ready += msg[0] == "ready"
         print(f"{subscribers} subscriber processes generating text (swap: "
-              f"{', '.join(swaps[i % 2] for i in range(subscribers))})\n")
+              f"{', '.join(swaps[i % 2] for i in range(subscribers))})")
+        if scrape:
+            host = scrape.split("//")[1].split(":")[0]
+            print(f"Prometheus metrics: {scrape} (publisher, coordinator; rank 0), subscribers "
+                  f"on {', '.join(f'{host}:{metrics_port + i + 1}' for i in range(subscribers))}"
+                  f" (ranks 1-{subscribers}); Grafana: dashboards/hotweights.json")
+        print()
         steps = _version_steps(versions)
         header = f"{'ver':>3}  {'what':<26} {'tensors':>7} {'moved MiB':>9} {'publish->commit':>15} {'max pause':>9}  clean switch"
         print(header)
@@ -171,6 +203,9 @@ def main(versions: int = 4, subscribers: int = 2, size: str = "small", timeout: 
             mark = "yes, all " + str(subscribers) if all(clean) else f"NO ({clean.count(False)} differ)"
             sys.stdout.write(f"{chr(13) if tty else ''}{r.version:>3}  {what:<26} {r.tensors:>7} {r.bytes / 2**20:>9.2f} "
                              f"{r.timings['total_s'] * 1e3:>12.1f} ms {max(pauses) * 1e3:>6.2f} ms  {mark}\n")
+        if hold > 0:
+            print(f"\nholding {hold:.0f} s (subscribers keep generating; scrape the metrics now)")
+            time.sleep(hold)
     finally:
         stop.set()
         for p in procs:
@@ -179,6 +214,7 @@ def main(versions: int = 4, subscribers: int = 2, size: str = "small", timeout: 
                 p.kill()
         pub.close()
         coord.stop()
+        metrics.stop_exporter()
     print(f"\n{'every version switched cleanly' if ok else 'SOME VERSIONS DID NOT SWITCH CLEANLY'}: "
           f"outputs equal the publisher's bit for bit after each commit; "
           f"total {time.monotonic() - t_start:.1f} s")
@@ -218,4 +254,10 @@ def add_cli(sub) -> None:
     p.add_argument("--versions", type=int, default=4)
     p.add_argument("--subscribers", type=int, default=2)
     p.add_argument("--size", default="small", choices=["small", "medium"])
-    p.set_defaults(fn=lambda a: main(a.versions, a.subscribers, a.size))
+    p.add_argument("--metrics-port", type=int, default=DEMO_METRICS_PORT,
+                   help=f"Prometheus base port (default {DEMO_METRICS_PORT}: publisher and "
+                   "coordinator; subscriber i on base + i + 1; 0 = off)")
+    p.add_argument("--hold", type=float, default=0.0,
+                   help="seconds to keep running after the last version (to scrape metrics)")
+    p.set_defaults(fn=lambda a: main(a.versions, a.subscribers, a.size,
+                                     metrics_port=a.metrics_port, hold=a.hold))

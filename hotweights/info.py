@@ -117,6 +117,12 @@ def _gds() -> dict[str, Any]:
         return {"available": False, "reason": f"kvikio import failed: {type(e).__name__}: {e}"}
 
 
+def _metrics(cfg) -> dict[str, Any]:
+    from . import metrics
+
+    return {**metrics.status(), "port": cfg.metrics_port, "addr": cfg.metrics_addr}
+
+
 def collect() -> dict[str, Any]:
     """Everything ``hotweights info --json`` prints."""
     cfg = _config.get()
@@ -134,6 +140,7 @@ def collect() -> dict[str, Any]:
         "redis": _redis(cfg.redis_url),
         "zmq": _zmq(),
         "gds": _gds(),
+        "metrics": _metrics(cfg),
         "transport": select_transport(explain=True),
     }
 
@@ -175,6 +182,14 @@ def render(info: dict[str, Any]) -> str:
     lines.append(f"ZeroMQ:          {_yn(z['available'])}" + (f" (pyzmq {z['pyzmq']}, libzmq {z['libzmq']})" if z["available"] else f" ({z['reason']})"))
     g = info["gds"]
     lines.append(f"GPUDirect Storage: {_yn(g['available'])}" + (f" (kvikio {g['kvikio']}, compat {g['compat_mode']})" if g["available"] else f" ({g['reason']})"))
+    mt = info["metrics"]
+    if mt["available"]:
+        where = (f"library processes export on {mt['addr']}:{mt['port']} + local rank"
+                 if mt["port"] else "exporter off (HOTWEIGHTS_METRICS_PORT=0)")
+        lines.append(f"Prometheus metrics: yes (prometheus_client {mt['prometheus_client']}; "
+                     f"{where})")
+    else:
+        lines.append(f"Prometheus metrics: no ({mt['reason']})")
     t = info["transport"]
     lines.append(f"transport:       {t['selected']} ({t['reason']})")
     return "\n".join(lines)

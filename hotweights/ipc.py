@@ -109,6 +109,11 @@ class SlotRing:
         if self.device.type == "cuda":
             self._impl.record(i, torch.cuda.current_stream(self.device).cuda_stream)
 
+    @property
+    def source_device(self) -> torch.device:
+        """Where the ring's memory lives (a relay reading its own ring)."""
+        return self.device
+
     def wait(self, i: int) -> None:
         """The owner reads its own slots in stream order: nothing to wait for."""
         _check_slot(i, self.slots)
@@ -154,6 +159,14 @@ class RingImport:
         if self._impl is not None and self.kind == "cpu" and self._impl.size != self.slots * self.slot_bytes:
             raise HandleError(f"ring {self.id}: region holds {self._impl.size} bytes, the handle "
                               f"describes {self.slots}x{self.slot_bytes}")
+
+    @property
+    def source_device(self) -> torch.device:
+        """Where the ring's memory lives, in this process's device numbering (the exporter's
+        GPU is found by UUID, so CUDA_VISIBLE_DEVICES may differ between the processes)."""
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        return torch.device("cuda", self._impl.ring_device)
 
     def slot(self, i: int) -> torch.Tensor:
         """uint8 view of slot i (read it only after wait(i) on CUDA)."""

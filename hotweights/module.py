@@ -308,6 +308,7 @@ class HotweightsHandle:
         self._sub.recycle(replaced, reuse_event)
         self.version = staged.version
         self._sub.version = staged.version
+        self._sub.metrics.applied(staged.version, pause, self._sub.current_version)
         try:
             self._sub.client.applied(self.client_id, self.name, staged.version)
         except Exception as e:

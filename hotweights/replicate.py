@@ -38,6 +38,7 @@ import torch
 
 from . import _C, ops
 from . import config as _config
+from . import metrics as _metrics
 from .coordinator import Client, CoordinatorError
 from .dist import launch_info
 from .ipc import SlotRing, open_ring
@@ -129,6 +130,7 @@ class Publisher:
                  optimizers: list | tuple = (), transport: str | Transport | None = "auto",
                  client: Client | None = None, config=None):
         self.cfg = config or _config.get()
+        _metrics.autostart(self.cfg)  # HOTWEIGHTS_METRICS_PORT (+ local rank); off by default
         if change_tracking not in ("hash", "version"):
             raise ValueError(f"Publisher: change_tracking={change_tracking!r}, expected 'hash' or 'version'")
         # Note [Change tracking]: "hash" re-hashes every tensor at every publish (always right).
@@ -165,6 +167,9 @@ class Publisher:
             min_window=min(self.cfg.ipc_min_inflight, self.slots),
             max_window=min(self.cfg.ipc_max_inflight, self.slots),
             target_s=self.cfg.ipc_target_bucket_ms / 1000.0)
+        self.metrics = _metrics.PublisherMetrics(
+            name, self.window, target_s=self.cfg.ipc_target_bucket_ms / 1000.0,
+            max_window=min(self.cfg.ipc_max_inflight, self.slots))
         self._capabilities = {"ring": self.ring.handle(), "ring_id": self.ring.id,
                               "slot_bytes": self.bucket_bytes, "slots": self.slots,
                               "device": str(self.device), "pid": _pid(), "rank": self.launch.rank}
@@ -269,6 +274,8 @@ class Publisher:
         self.stats["bytes"] += plan.total_bytes
         self.stats["buckets"] += plan.num_buckets
         self.stats["retries"] += res.retries
+        self.metrics.version(version, info["state"], info.get("reason") or xfer.failed,
+                             res.timings)
         if info["state"] != "committed":
             raise PublishError(f"version {version} of {self.name!r} was {info['state']}: "
                                f"{info.get('reason') or xfer.failed or 'no reason given'}")
@@ -427,6 +434,7 @@ class Publisher:
         tidx = plan.piece_tensor[rows]
         toff = plan.piece_tensor_offset[rows]
         ln = plan.piece_length[rows]
+        t_gather = time.perf_counter()
         h = ops.gather(self.ring.slot(slot), [src[i] for i in tidx.tolist()],
                        plan.piece_slot_offset[rows], lengths=ln, tensor_offsets=toff, hash=True)
         partials = h.partials()
@@ -436,9 +444,11 @@ class Publisher:
         for k in np.flatnonzero(whole).tolist():
             t = int(tidx[k])
             if ops.tensor_digest([partials[k]], int(ln[k])) != int(plan.checksums[t]):
+                self.metrics.source_changed()
                 raise PublishError(f"tensor {plan.names[t]!r} changed while version "
                                    f"{xfer.version} was being published; publish again")
         digest = ops.bucket_digest(partials, ln)
+        gather_s = time.perf_counter() - t_gather
         attempt = xfer.attempts.get(b, 0) + 1
         xfer.attempts[b] = attempt
         if self.after_gather is not None:
@@ -468,6 +478,7 @@ class Publisher:
         hid = uuid.uuid4().hex
         with self._cv:
             self._inflight[hid] = (slot, b, used, time.perf_counter(), xfer, [])
+            self._report_inflight()
         try:
             payload = {"bucket": b, "slot": slot, "digest": digest, "ring_id": self.ring.id,
                        "attempt": attempt}
@@ -485,8 +496,14 @@ class Publisher:
         except Exception:
             with self._cv:
                 self._inflight.pop(hid, None)
+                self._report_inflight()
             raise
         xfer.posted += 1
+        self.metrics.gathered(int(ln.sum()), gather_s)
+
+    def _report_inflight(self) -> None:
+        """In-flight gauges (call with self._cv held)."""
+        self.metrics.inflight(len(self._inflight), sum(v[2] for v in self._inflight.values()))
 
     # ------------------------------------------------------------------ background
 
@@ -526,11 +543,14 @@ class Publisher:
                             continue
                         if rel["reason"] == "acked":
                             self.window.on_complete(time.monotonic(), max(now - t_post, 1e-6), max(nbytes, 1))
+                            self.metrics.completed(max(now - t_post, 1e-6))
+                            self.metrics.window(self.window)
                             xfer.acked_bytes += int(xfer.plan.piece_length[xfer.plan.pieces(b)].sum())
                             if xfer.progress is not None:
                                 xfer.progress(xfer.acked_bytes, xfer.plan.total_bytes)
                         elif xfer is self._transfer and not xfer.failed:
                             self._handle_failure(xfer, b, rel)
+                    self._report_inflight()
                     self._cv.notify_all()
         finally:
             self.client.release_thread()
@@ -558,6 +578,7 @@ class Publisher:
             return
         log.warning("publisher %s: re-sending bucket %d of version %d (%s)", self.name, b,
                     xfer.version, why)
+        self.metrics.retry(rel["reason"])
         xfer.retry.append(b)
 
     def _late_join_loop(self) -> None:
@@ -629,6 +650,7 @@ class Publisher:
             self.client.close()
         if self._transport is not None and not isinstance(self._transport_spec, Transport):
             self._transport.close()
+        self.metrics.close()
         self.ring = None
 
     def __enter__(self):
@@ -677,6 +699,7 @@ class Subscriber:
                  on_error: Callable[[int, str], None] | None = None, client: Client | None = None,
                  config=None):
         self.cfg = config or _config.get()
+        _metrics.autostart(self.cfg)  # HOTWEIGHTS_METRICS_PORT (+ local rank); off by default
         self.targets = targets
         self.name = name
         self.consumer = list(consumer) if consumer else None
@@ -705,6 +728,7 @@ class Subscriber:
         self._closed = False
         self.errors: list[tuple[int, str]] = []
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0}
+        self.metrics = _metrics.SubscriberMetrics(name)
         self._rings: dict[str, Any] = {}          # owner client id -> ring import
         self._transport: Transport | None = None  # created when this subscriber first relays
         self._relay: _Relay | None = None
@@ -732,6 +756,10 @@ class Subscriber:
                 if ev.get("truncated"):
                     log.warning("subscriber %s: event log truncated; resyncing", self.name)
                 after = ev["last"]
+                for e in ev["events"]:  # the newest committed version, for the lag metric
+                    if e.get("type") == "commit":
+                        self.current_version = max(self.current_version or 0, int(e["version"]))
+                self.metrics.lag(self.current_version, self.version)
                 versions = sorted({e["version"] for e in ev["events"] if e.get("type") == "version"})
                 for v in versions:
                     if self._closed:
@@ -847,6 +875,7 @@ class Subscriber:
         for i in mine:
             got = ops.tensor_digest([acc[i]], int(plan.nbytes[i]))
             if got != int(plan.checksums[i]):
+                self.metrics.tensor_mismatch()
                 self._fail(version, f"tensor {plan.names[i]!r} arrived with checksum {got:016x}, "
                                     f"the manifest says {int(plan.checksums[i]):016x}")
                 return None
@@ -981,6 +1010,7 @@ class Subscriber:
         tidx = plan.piece_tensor[rows]
         dst = [shadows[plan.names[i]] for i in tidx.tolist()]
         ln = plan.piece_length[rows]
+        t_scatter = time.perf_counter()
         try:
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):
@@ -995,7 +1025,10 @@ class Subscriber:
             partials = h.partials()
         except Exception as e:
             return False, f"scatter of bucket {b} failed: {type(e).__name__}: {e}", None
+        t_verify = time.perf_counter()
         got = ops.bucket_digest(partials, ln)
+        self.metrics.bucket(_metrics.path_label(ring.source_device, self.device), int(ln.sum()),
+                            t_verify - t_scatter, time.perf_counter() - t_verify, got == digest)
         if got != digest:
             return False, (f"checksum mismatch in bucket {b}: got {got:016x}, expected "
                            f"{digest:016x}"), None
@@ -1034,6 +1067,7 @@ class Subscriber:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        self.metrics.close()
 
 
 class _Relay:

@@ -83,6 +83,8 @@ class Harness:
 
     def coord_serve(self, endpoint: str, env: dict, *extra: str) -> subprocess.Popen:
         """``hotweights coord-serve`` in a child; returns once it printed its serving line."""
+        if "--metrics-port" not in extra:  # several run at once: no fixed exporter port
+            extra = (*extra, "--metrics-port", "0")
         p = self.spawn([sys.executable, "-m", "hotweights", "coord-serve", "--endpoint", endpoint,
                         *extra], env, capture=True)
         lines: list[str] = []

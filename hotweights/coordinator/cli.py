@@ -10,7 +10,9 @@ import sys
 import threading
 import time
 
-__all__ = ["add_cli", "render_status"]
+__all__ = ["add_cli", "render_status", "DEFAULT_METRICS_PORT"]
+
+DEFAULT_METRICS_PORT = 9464  # coord-serve exports metrics unless --metrics-port 0
 
 
 def add_cli(sub) -> None:
@@ -27,6 +29,11 @@ def add_cli(sub) -> None:
     s.add_argument("--redis-url", help="Redis URL (default HOTWEIGHTS_REDIS_URL)")
     s.add_argument("--redis-prefix", default="hotweights",
                    help="key prefix in Redis; coordinators of one deployment share it")
+    s.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help=f"Prometheus exporter port (default {DEFAULT_METRICS_PORT}; 0 = off); "
+                   "see docs/metrics.md")
+    s.add_argument("--metrics-addr", help="address the exporter listens on (default "
+                   "HOTWEIGHTS_METRICS_ADDR, 127.0.0.1; 0.0.0.0 for a remote Prometheus)")
     s.set_defaults(fn=_cmd_serve)
     s = sub.add_parser("status", help="models, versions, subscribers and lag, handles, counters")
     s.add_argument("--endpoint", help="coordinator address(es) (default "
@@ -44,9 +51,21 @@ def _cmd_serve(args) -> int:
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     endpoint = args.endpoint or (cfg.coord_endpoint or "tcp://127.0.0.1:5555").split(",")[0]
+    hook, metrics_url = None, "off"
+    if args.metrics_port:
+        from .. import metrics
+
+        metrics.set_rank("coordinator")
+        port = metrics.start_exporter(args.metrics_port, args.metrics_addr,
+                                      source="--metrics-port")
+        if port is not None:
+            metrics.activate("coordinator")  # served from the first scrape
+            hook, metrics_url = metrics.coordinator_hook, metrics.exporter_url()
+        else:
+            metrics_url = f"off ({metrics.UNAVAILABLE_REASON})"
     coord = Coordinator(endpoint=endpoint.strip(), pub_endpoint=args.pub_endpoint,
                         backend=args.backend, redis_url=args.redis_url,
-                        redis_prefix=args.redis_prefix)
+                        redis_prefix=args.redis_prefix, hook=hook)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -56,8 +75,8 @@ def _cmd_serve(args) -> int:
     try:
         coord.start()
         print(f"hotweights coordinator serving {coord.endpoint} (pub {coord.pub_endpoint}, "
-              f"{coord.backend.describe()}, {'leader' if coord.is_leader else 'standby'})",
-              flush=True)
+              f"{coord.backend.describe()}, {'leader' if coord.is_leader else 'standby'}; "
+              f"metrics {metrics_url})", flush=True)
         while not stop.wait(0.5):
             if not coord.running:
                 print("hotweights coordinator: the serving loop ended", file=sys.stderr)

@@ -401,6 +401,7 @@ class Coordinator:
             self.state.count("pub.dropped")
 
     def _tick(self) -> None:
+        self._report_gauges({"leader": int(self._leader)})  # standbys report 0
         if not self._leader:
             return
         if self._stale and not self._reload():
@@ -416,13 +417,19 @@ class Coordinator:
         if self.hook is not None:
             g = self.state.gauges()
             g["parked"] = self._parked_n
-            for k, v in g.items():
-                if self._gauges.get(k) != v:
-                    try:
-                        self.hook(k, v, "gauge")
-                    except Exception:
-                        pass
-            self._gauges = g
+            self._report_gauges(g)
+
+    def _report_gauges(self, g: dict) -> None:
+        """Tells the metrics hook the gauges that changed since the last report."""
+        if self.hook is None:
+            return
+        for k, v in g.items():
+            if self._gauges.get(k) != v:
+                try:
+                    self.hook(k, v, "gauge")
+                except Exception:  # a broken exporter must not break the control plane
+                    pass
+                self._gauges[k] = v
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -674,6 +681,10 @@ def start_embedded(**kwargs) -> Coordinator:
     loopback port, in a daemon thread; returns it (its address is ``.endpoint``)."""
     kwargs.setdefault("endpoint", "tcp://127.0.0.1:0")
     kwargs.setdefault("backend", "memory")
+    if "hook" not in kwargs:  # its counters land in this process's metrics (metrics.py)
+        from ..metrics import coordinator_hook
+
+        kwargs["hook"] = coordinator_hook
     return Coordinator(**kwargs).start()
 
 
