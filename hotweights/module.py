@@ -114,7 +114,7 @@ class HotweightsHandle:
                  optimizer: torch.optim.Optimizer | None = None, opt_policy: str | None = None,
                  opt_attenuation: float | None = None, accept_reshape: bool = False,
                  token: str | None = None, node: str | None = None, keep_staging: bool = True,
-                 config=None):
+                 kv_layers: int | None = None, kv_name_rules=None, config=None):
         if commit not in ("on_forward", "manual"):
             raise ValueError(f"register_hotweights: commit={commit!r}, expected 'on_forward' or 'manual'")
         if swap not in ("inplace", "storage"):
@@ -128,6 +128,10 @@ class HotweightsHandle:
         self.commit_mode = commit
         self.swap = swap
         self.optimizer = optimizer
+        # With kv_layers, each CommitInfo carries the per-layer keep/invalidate decision for the
+        # KV cache (hotweights.kv.plan), so a server drops exactly the stale layers.
+        self.kv_layers = kv_layers
+        self.kv_name_rules = kv_name_rules
         self.opt_policy = self.cfg.opt_policy
         self.opt_attenuation = self.cfg.opt_attenuation
         # The objects the publisher's names refer to: parameters and buffers, by state-dict name.
@@ -313,9 +317,17 @@ class HotweightsHandle:
             self._sub.client.applied(self.client_id, self.name, staged.version)
         except Exception as e:
             log.warning("hotweights %s: reporting applied version failed: %s", self.name, e)
+        kv_plan = None
+        if self.kv_layers is not None:
+            from . import kv
+
+            # the changed names are what differs between the old and the new version
+            kv_plan = kv.plan({n: 0 for n in names}, {n: 1 for n in names}, self.kv_layers,
+                              self.kv_name_rules)
         info = CommitInfo(version=staged.version, label=staged.label, changed=names,
                           reshaped=staged.reshaped, bytes=staged.bytes,
-                          timings={**staged.timings, "pause_s": pause}, optimizer=opt_report)
+                          timings={**staged.timings, "pause_s": pause}, optimizer=opt_report,
+                          kv_plan=kv_plan)
         self.last_commit = info
         with self._cv:
             self._cv.notify_all()

@@ -835,3 +835,56 @@ def test_kv_check_simulate(capsys):
     d = json.loads(capsys.readouterr().out)
     assert rc == 0 and d["valid"] and {r["layout"] for r in d["simulation"]} == set(kv.LAYOUTS)
     assert all(r["round_trip"] and r["inplace_round_trip"] and r["gbps"] > 0 for r in d["simulation"])
+
+
+# --- the plan reaches subscribers through the commit callback ------------------------------
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.input_layernorm = torch.nn.LayerNorm(d)
+        self.self_attn = torch.nn.Module()
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, n, torch.nn.Linear(d, d, bias=False))
+        self.post_attention_layernorm = torch.nn.LayerNorm(d)
+        self.mlp = torch.nn.Module()
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self.mlp, n, torch.nn.Linear(d, d, bias=False))
+
+
+class _TinyLlama(torch.nn.Module):
+    def __init__(self, layers=4, d=8):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(16, d)
+        self.model.layers = torch.nn.ModuleList(_Layer(d) for _ in range(layers))
+        self.model.norm = torch.nn.LayerNorm(d)
+        self.lm_head = torch.nn.Linear(d, 16, bias=False)
+
+
+def test_commit_info_carries_the_kv_plan(monkeypatch):
+    import hotweights
+    from hotweights.coordinator import start_embedded
+
+    coord = start_embedded()
+    torch.manual_seed(0)
+    src, dst = _TinyLlama(), _TinyLlama()
+    seen = []
+    try:
+        h = dst.register_hotweights(name="llm", endpoint=coord.endpoint, commit="manual", kv_layers=4)
+        h.on_commit(seen.append)
+        with hotweights.Publisher(src, name="llm", endpoint=coord.endpoint, serve_late=False) as pub:
+            h.wait(pub.publish("v1").version, timeout=30)       # everything: all invalidate
+            assert seen[-1].kv_plan.keep == []
+            with torch.no_grad():
+                src.lm_head.weight.add_(1)
+            h.wait(pub.publish("head").version, timeout=30)     # only the LM head: all keep
+            assert seen[-1].kv_plan.keep == [0, 1, 2, 3] and seen[-1].changed == ["lm_head.weight"]
+            with torch.no_grad():
+                src.model.layers[1].mlp.up_proj.weight.add_(1)
+            h.wait(pub.publish("mlp1").version, timeout=30)     # layer 1's MLP: layers > 1 stale
+            assert seen[-1].kv_plan.keep == [0, 1] and seen[-1].kv_plan.invalidate == [2, 3]
+        h.close()
+    finally:
+        coord.stop()
