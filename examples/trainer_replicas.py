@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hotweights
-from hotweights.coordinator import start_embedded
+from hotweights.coordinator import Client, start_embedded
 from hotweights.manifest import Manifest
 
 
@@ -90,9 +90,18 @@ def main() -> int:
     # the last version reaches B before the end: a final collective commit
     if h is not None:
         deadline = time.monotonic() + 60
-        while (h.version or 0) < (h._sub.current_version or 0) and time.monotonic() < deadline:
-            if h.commit_collective(group=group_b) is None:
-                time.sleep(0.05)
+        client = Client(endpoint)
+        last = client.current("teacher") or 0
+        while True:  # every B rank runs the same number of collective rounds
+            v = h.commit_collective(group=group_b)
+            if v is not None:
+                print(f"[B rank {rank}] step final: took teacher v{v}", flush=True)
+            done = torch.tensor([int((h.version or 0) >= last or time.monotonic() > deadline)])
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=group_b)
+            if int(done):
+                break
+            time.sleep(0.05)
+        client.close()
         print(f"[B rank {rank}] done at teacher v{h.version}; replicas identical: {ok}", flush=True)
         h.close()
     flag = torch.tensor([int(ok)])
