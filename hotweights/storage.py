@@ -28,14 +28,16 @@ Every read goes through one :class:`StorageReader` interface (``read``/``submit`
   A failed GDS setup (kvikio missing, kvikio in POSIX compatibility mode, a file that cannot
   be registered) falls back with a logged reason; with HOTWEIGHTS_USE_GDS=require it is an
   error that says why.
-- ``posix_pinned``: double-buffered bounce buffers (pinned host memory when the destination is
-  CUDA, page-aligned host memory otherwise) filled by a reader thread with ``preadv`` while the
-  caller copies the previous buffer into the destination (H2D or memcpy, hashing on the way).
+- ``posix_pinned``: bounce buffers, two per reader thread (HOTWEIGHTS_STORAGE_THREADS; pinned
+  host memory when the destination is CUDA, page-aligned host memory otherwise), filled with
+  ``preadv`` while the caller copies the previous ones into their destinations (H2D or memcpy,
+  hashing on the way).
   O_DIRECT with 4 KiB-aligned offsets, lengths and buffers where the filesystem allows it; a
   filesystem that refuses it (EINVAL at open or at the first read) gets buffered reads, and
   the fallback is logged and reported (``o_direct_off`` hook).
-- ``mmap``: the files mapped read-only (copy-on-write, never written) and copied from the
-  mapping. The last resort (or HOTWEIGHTS_STORAGE_READER=mmap).
+- ``mmap``: the files mapped privately (never written, so never copied) and copied from the
+  mapping, read ahead one 64 MiB group at a time. The last resort (or
+  HOTWEIGHTS_STORAGE_READER=mmap).
 
 Reads are planned in chunks of at most one bounce buffer: ranges of one file that are adjacent
 (gaps up to 4 KiB) share a chunk, larger ranges are split at multiples of 8 bytes inside their
