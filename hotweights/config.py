@@ -232,6 +232,10 @@ _SETTINGS: tuple[Setting, ...] = (
     _s("kv_allow_transforms", False, _bool, "Allow conservative KV transforms (head remap, RoPE, FP8 requant) instead of invalidating.", "kv"),
     # storage
     _s("use_gds", "off", _gds, "GPUDirect Storage for checkpoint reads: 0, 1 (prefer), require.", "storage"),
+    _s("storage_reader", "auto", _choice("auto", "posix", "mmap"), "Checkpoint reader when GDS is not used: auto (double-buffered posix_pinned, else mmap), posix or mmap.", "storage"),
+    _s("storage_bounce_mb", 32, _int(1, 4096), "Size (MiB) of each checkpoint-reader bounce buffer.", "storage"),
+    _s("storage_threads", 2, _int(1, 64), "Reader threads of the posix reader (two bounce buffers each).", "storage"),
+    _s("storage_odirect", True, _bool, "O_DIRECT reads where the filesystem allows them (0: always buffered, e.g. network filesystems).", "storage"),
     # observability
     _s("metrics_port", 0, _int(0, 65535), "Prometheus exporter port (+ local rank); 0 = off in library use.", "observability"),
     _s("metrics_addr", "127.0.0.1", _bind_addr, "Address the Prometheus exporter listens on (0.0.0.0: every interface, for a remote Prometheus).", "observability"),

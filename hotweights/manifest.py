@@ -434,36 +434,3 @@ def iter_entries(m: Manifest, rows: Iterable[int]) -> Iterator[TensorEntry]:
     """Entries of the given rows."""
     for i in rows:
         yield m.entry(int(i))
-
-
-# ---------------------------------------------------------------------- CLI
-
-
-def add_cli(sub) -> None:
-    """``hotweights publish --checkpoint DIR --version V [--output manifest.json]``."""
-    p = sub.add_parser("publish", help="build the manifest of a safetensors checkpoint "
-                       "(with --serve: publish it to subscribers)")
-    p.add_argument("--checkpoint", required=True, help="safetensors file or directory")
-    p.add_argument("--version", type=int, help="version number to record in the manifest")
-    p.add_argument("--label", help="free-form label, e.g. a step or a run name")
-    p.add_argument("--model", default="model", help="model name (default: model)")
-    p.add_argument("--output", help="write the manifest here (.json for JSON, else msgpack)")
-    p.set_defaults(fn=_cmd_publish)
-
-
-def _cmd_publish(args) -> int:
-    from .progress import Progress
-
-    bar = Progress("hashing")
-    m = Manifest.from_safetensors(args.checkpoint, model=args.model, label=args.label,
-                                  progress=bar)
-    bar.close()
-    if args.version is not None:
-        m = m.with_version(args.version)
-    if args.output:
-        m.save(args.output)
-        print(f"wrote {args.output}: {len(m)} tensors, {m.total_bytes / 2**20:.1f} MiB, "
-              f"digest {m.digest:016x}")
-    else:
-        print(m.to_json())
-    return 0

@@ -36,6 +36,8 @@ __all__ = [
     "hw64_finalize",
     "copy_settings",
     "require_cuda_build",
+    "copy_hashed",
+    "hash_ranges",
 ]
 
 HAS_CUDA_BUILD: bool = bool(_C.with_cuda)
@@ -276,17 +278,22 @@ def tensor_digest(partials: np.ndarray, nbytes: int) -> int:
 
 def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
             dst_ptrs: np.ndarray, src_ptrs: np.ndarray, hash_base: np.ndarray | None,
-            keepalive, op: str) -> CopyHandle:
+            keepalive, op: str, hash_index: np.ndarray | None = None,
+            num_hashes: int | None = None) -> CopyHandle:
     dst_devs = {_device_of(c) for c in np.unique(dst_codes)}
     src_devs = {_device_of(c) for c in np.unique(src_codes)}
     devs = dst_devs | src_devs
     u64 = lambda a: np.ascontiguousarray(a, dtype=np.uint64)  # noqa: E731
     hidx = hbase = None
     nh = 0
-    if hash_base is not None:  # one accumulator per piece
-        hidx = np.arange(len(sizes), dtype=np.int64)
+    hashed = None
+    if hash_base is not None:  # default: one accumulator per piece
+        hidx = (np.arange(len(sizes), dtype=np.int64) if hash_index is None
+                else np.ascontiguousarray(hash_index, dtype=np.int64))
         hbase = u64(hash_base)
-        nh = len(sizes)
+        nh = len(sizes) if num_hashes is None else int(num_hashes)
+        hashed = np.zeros(nh, np.int64)  # bytes hashed into each accumulator
+        np.add.at(hashed, hidx, np.asarray(sizes, np.int64))
     if all(d.type == "cpu" for d in devs):
         st = copy_settings(torch.device("cpu"), torch.device("cpu"))
         eng = _engine("cpu", -1, st.chunk_bytes, st.streams)
@@ -306,7 +313,7 @@ def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
         stream = torch.cuda.current_stream(device).cuda_stream
         c = eng.submit(u64(dst_ptrs), u64(src_ptrs), u64(sizes), hidx, hbase, nh, stream,
                        kernel_ok)
-    return CopyHandle(c, keepalive, np.asarray(sizes, np.int64) if hash_base is not None else None)
+    return CopyHandle(c, keepalive, hashed)
 
 
 def copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *,
@@ -402,6 +409,86 @@ def scatter(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequenc
     return h if async_op else h.wait(timeout)
 
 
+def _byte_views(views: Sequence[torch.Tensor], op: str, what: str) -> np.ndarray:
+    tab = _table(views, op)
+    for i, v in enumerate(views):
+        if v.dtype != torch.uint8 or v.dim() != 1:
+            raise ValueError(f"{op}: {what} {i} must be a 1-D uint8 view, got "
+                             f"{v.dtype}{tuple(v.shape)}")
+    return tab
+
+
+def _word_bases(byte_offsets, n: int, op: str) -> np.ndarray:
+    offs = np.asarray(byte_offsets, dtype=np.int64).reshape(-1)
+    if len(offs) != n:
+        raise ValueError(f"{op}: {n} ranges but {len(offs)} hash offsets")
+    if (offs < 0).any():
+        i = int(np.flatnonzero(offs < 0)[0])
+        raise ValueError(f"{op}: hash offset {offs[i]} of range {i} is negative")
+    return _hash_base(offs, op)
+
+
+def _hash_slots(hash_index, n: int, op: str) -> tuple[np.ndarray, int]:
+    if hash_index is None:
+        return np.arange(n, dtype=np.int64), n
+    idx = np.asarray(hash_index, dtype=np.int64).reshape(-1)
+    if len(idx) != n:
+        raise ValueError(f"{op}: {n} ranges but {len(idx)} hash indices")
+    if n and idx.min() < 0:
+        raise ValueError(f"{op}: hash index {int(idx.min())} is negative")
+    return idx, (int(idx.max()) + 1 if n else 0)
+
+
+def copy_hashed(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
+                hash_offsets: Sequence[int], *, hash_index: Sequence[int] | None = None,
+                async_op: bool = False, timeout: float | None = None) -> CopyHandle:
+    """Copies 1-D uint8 views ``srcs[i]`` into ``dsts[i]`` (same lengths) while hashing them.
+
+    Range i holds the bytes at ``hash_offsets[i]`` (a multiple of 8) inside some tensor; its
+    hw64 partial sum is keyed from there and added to accumulator ``hash_index[i]`` (default:
+    one per range), so the ranges of one tensor, read in any number of pieces, add up to its
+    checksum (``tensor_digest(partials[[k]], nbytes)``). Both sides on the CPU, or both on
+    CUDA devices (the kernel hashes); ``partials()`` gives one value per accumulator.
+    """
+    dsts, srcs = list(dsts), list(srcs)
+    if len(dsts) != len(srcs):
+        raise ValueError(f"copy_hashed: {len(dsts)} destinations but {len(srcs)} sources")
+    td = _byte_views(dsts, "copy_hashed", "destination")
+    ts = _byte_views(srcs, "copy_hashed", "source")
+    bad = np.flatnonzero(td[:, _NBYTES] != ts[:, _NBYTES])
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"copy_hashed: range {i}: destination of {td[i, _NBYTES]} bytes, source "
+                         f"of {ts[i, _NBYTES]} bytes")
+    bases = _word_bases(hash_offsets, len(dsts), "copy_hashed")
+    idx, nh = _hash_slots(hash_index, len(dsts), "copy_hashed")
+    h = _submit(td[:, _DEVICE], ts[:, _DEVICE], ts[:, _NBYTES], td[:, _PTR], ts[:, _PTR], bases,
+                (dsts, srcs), "copy_hashed", hash_index=idx, num_hashes=nh)
+    return h if async_op else h.wait(timeout)
+
+
+def hash_ranges(views: Sequence[torch.Tensor], hash_offsets: Sequence[int], *,
+                hash_index: Sequence[int] | None = None) -> np.ndarray:
+    """hw64 partial sums of 1-D uint8 host views, keyed like :func:`copy_hashed` (range i
+    sits at byte ``hash_offsets[i]`` of its tensor) and summed per accumulator ``hash_index``.
+
+    For bytes that are hashed where they are, without a copy (host memory only: on CUDA,
+    hash while copying with :func:`copy_hashed`)."""
+    views = list(views)
+    tab = _byte_views(views, "hash_ranges", "view")
+    if (tab[:, _DEVICE] != _CPU_CODE).any():
+        i = int(np.flatnonzero(tab[:, _DEVICE] != _CPU_CODE)[0])
+        raise ValueError(f"hash_ranges: view {i} is on {views[i].device}; host memory only "
+                         "(hash CUDA bytes while copying them with copy_hashed)")
+    bases = _word_bases(hash_offsets, len(views), "hash_ranges")
+    idx, nh = _hash_slots(hash_index, len(views), "hash_ranges")
+    out = np.zeros(nh, np.uint64)
+    for k in range(len(views)):
+        p = _C.hw64_partial(int(tab[k, _PTR]), int(tab[k, _NBYTES]), int(bases[k]))
+        out[idx[k]] = (int(out[idx[k]]) + p) & _U64
+    return out
+
+
 def hash_pieces(buf: torch.Tensor, offsets, lengths, tensor_offsets) -> np.ndarray:
     """hw64 partial sums of byte pieces of a uint8 buffer, keyed like gather/scatter's (by the
     piece's offset inside its tensor), without copying them anywhere: what a relay uses to
@@ -417,11 +504,10 @@ def hash_pieces(buf: torch.Tensor, offsets, lengths, tensor_offsets) -> np.ndarr
         i = int(bad[0])
         raise ValueError(f"hash_pieces: piece {i} at {offs[i]} with {ln[i]} bytes runs past the "
                          f"buffer of {buf.numel()} bytes")
+    if buf.device.type == "cpu":
+        return hash_ranges([buf[int(o):int(o) + int(n)] for o, n in zip(offs, ln)], toff)
     base = _hash_base(toff, "hash_pieces")
     ptr = buf.data_ptr()
-    if buf.device.type == "cpu":
-        return np.fromiter((_C.hw64_partial(ptr + int(o), int(n), int(k))
-                            for o, n, k in zip(offs, ln, base)), np.uint64, len(offs))
     require_cuda_build("hashing CUDA memory")
     st = copy_settings(buf.device, buf.device)
     eng = _engine("cuda", buf.device.index, st.chunk_bytes, st.streams)

@@ -47,7 +47,7 @@ from .manifest import Manifest, ManifestError, dtype_name
 from .plan import Plan, SubscriberSpec, make_plan
 
 __all__ = ["Publisher", "PublishResult", "PublishError", "Subscriber", "UpdateError",
-           "StagedVersion"]
+           "StagedVersion", "BucketSource"]
 
 log = logging.getLogger("hotweights")
 
@@ -60,6 +60,37 @@ class UpdateError(RuntimeError):
     """A subscriber refused or failed a version; its weights are untouched."""
 
 
+class BucketSource:
+    """A source that is not a set of live tensors (a checkpoint on disk): the Publisher asks it
+    for the version's manifest, then for the bytes of each bucket.
+
+    Note [Bucket sources]
+    ``snapshot`` returns the manifest (it may come from a stored manifest without reading any
+    tensor bytes). ``fill`` writes pieces of tensors straight into a slot and returns the hw64
+    partial sum of each piece keyed by its offset inside its tensor, exactly as
+    ``ops.gather(..., hash=True)`` does for live tensors, so the Publisher's checks apply
+    unchanged: a whole piece that does not hash to the manifest (the source changed after it
+    was hashed, or a stored manifest is stale) aborts the version, and subscribers verify every
+    tensor end to end. Only the pieces of the plan are read, so a delta reads only the changed
+    tensors. ``close`` frees what the source holds (files, buffers, threads).
+    """
+
+    device: torch.device
+
+    def snapshot(self, model: str, label: str | None, parent: int | None) -> Manifest:
+        """The manifest of the source now."""
+        raise NotImplementedError
+
+    def fill(self, slot: torch.Tensor, names: list[str], slot_offsets: np.ndarray,
+             lengths: np.ndarray, tensor_offsets: np.ndarray) -> np.ndarray:
+        """Writes piece k (``lengths[k]`` bytes at ``tensor_offsets[k]`` of tensor
+        ``names[k]``) at ``slot_offsets[k]`` of ``slot``; returns the pieces' partial sums."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases the source's resources."""
+
+
 def _tensors_of(source) -> dict[str, torch.Tensor]:
     if isinstance(source, torch.nn.Module):
         return dict(source.state_dict(keep_vars=False))
@@ -67,8 +98,8 @@ def _tensors_of(source) -> dict[str, torch.Tensor]:
         return dict(source())
     if isinstance(source, Mapping):
         return dict(source)
-    raise TypeError(f"Publisher: expected an nn.Module, a mapping of tensors or a callable returning "
-                    f"one, got {type(source).__name__}")
+    raise TypeError(f"Publisher: expected an nn.Module, a mapping of tensors, a callable returning "
+                    f"one or a BucketSource, got {type(source).__name__}")
 
 
 def _device_of(tensors: Mapping[str, torch.Tensor]) -> torch.device:
@@ -114,8 +145,9 @@ class _Transfer:
 class Publisher:
     """Publishes versions of a model's tensors to every subscriber of ``name``.
 
-    ``source``: an ``nn.Module``, a mapping name -> tensor, or a callable returning one (read at
-    every publish). All tensors must live on one device; the slot ring is allocated there once
+    ``source``: an ``nn.Module``, a mapping name -> tensor, a callable returning one (read at
+    every publish), or a BucketSource (a checkpoint: see ``from_checkpoint``). All tensors must
+    live on one device; the slot ring is allocated there once
     (``slots`` x ``bucket_bytes``, default HOTWEIGHTS_IPC_MAX_INFLIGHT x HOTWEIGHTS_BUCKET_MB) and
     exported once. ``endpoint=None`` uses HOTWEIGHTS_COORD_ENDPOINT or the embedded coordinator.
     ``serve_late``: when a subscriber joins after the current version, publish a catch-up
@@ -143,9 +175,11 @@ class Publisher:
         self._dirty: set[int] = set()            # ids of tensors an optimizer stepped
         self._hooks = [opt.register_step_post_hook(self._on_optimizer_step) for opt in optimizers]
         self._source = source
+        self._bucket_source = isinstance(source, BucketSource)  # Note [Bucket sources]
+        self._own_source = False                                 # from_checkpoint: close it too
         self.name = name
-        tensors = _tensors_of(source)
-        self.device = _device_of(tensors)
+        self.device = (torch.device(source.device) if self._bucket_source
+                       else _device_of(_tensors_of(source)))
         self.bucket_bytes = int(bucket_bytes or self.cfg.bucket_bytes)
         self.slots = int(slots or self.cfg.ipc_max_inflight)
         if self.bucket_bytes % 256:
@@ -201,6 +235,29 @@ class Publisher:
                                              name=f"hw-pub-late-{name}", daemon=True)
             self._watcher.start()
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint, name: str = "model", endpoint: str | None = None, *,
+                        device: str | torch.device = "cpu", manifest: str | None = "auto",
+                        reader: Any = "auto", progress: Callable[[int, int], None] | None = None,
+                        **kwargs) -> "Publisher":
+        """A Publisher whose source is a safetensors checkpoint (a file, a directory with or
+        without a ``*.safetensors.index.json``, or a list of files), validated before anything
+        is registered, read without building a module. ``device``: where its slot ring lives.
+        ``manifest``: "auto" (a stored manifest beside the checkpoint when it is fresh),
+        a path, or None (hash the files). ``reader``: "auto", "gds", "posix", "mmap" or a
+        StorageReader. See hotweights.storage and docs/storage.md."""
+        from .storage import CheckpointSource  # integrations layer: imported on use
+
+        src = CheckpointSource(checkpoint, device=device, manifest=manifest, reader=reader,
+                               progress=progress)
+        try:
+            pub = cls(src, name, endpoint, **kwargs)
+        except BaseException:
+            src.close()
+            raise
+        pub._own_source = True
+        return pub
+
     # ------------------------------------------------------------------ publish
 
     def publish(self, label: str | None = None, *, timeout: float | None = None,
@@ -217,11 +274,15 @@ class Publisher:
 
     def _publish(self, label, timeout, progress=None) -> PublishResult:
         t0 = time.perf_counter()
-        tensors = _tensors_of(self._source)
-        if _device_of(tensors) != self.device:
-            raise PublishError(f"source moved from {self.device} to {_device_of(tensors)}; "
-                               "create a new Publisher for the new device")
-        manifest = self._snapshot(tensors, label)
+        if self._bucket_source:
+            tensors = None
+            manifest = self._source.snapshot(self.name, label, self.version)
+        else:
+            tensors = _tensors_of(self._source)
+            if _device_of(tensors) != self.device:
+                raise PublishError(f"source moved from {self.device} to {_device_of(tensors)}; "
+                                   "create a new Publisher for the new device")
+            manifest = self._snapshot(tensors, label)
         t_manifest = time.perf_counter()
         subs = [c for c in self.client.clients(self.name)
                 if c["role"] == "subscriber" and c["alive"]]
@@ -382,10 +443,10 @@ class Publisher:
             self._manifests.pop(v, None)
         return m
 
-    def _stream(self, xfer: _Transfer, tensors: dict[str, torch.Tensor], manifest: Manifest,
-                deadline: float) -> None:
+    def _stream(self, xfer: _Transfer, tensors: dict[str, torch.Tensor] | None,
+                manifest: Manifest, deadline: float) -> None:
         plan = xfer.plan
-        src = [tensors[n] for n in plan.names]
+        src = None if tensors is None else [tensors[n] for n in plan.names]
         queue = list(range(plan.num_buckets))
         while True:
             with self._cv:
@@ -427,7 +488,7 @@ class Publisher:
     def _inflight_of(self, xfer: _Transfer) -> bool:
         return any(v[4] is xfer for v in self._inflight.values())
 
-    def _send_bucket(self, xfer: _Transfer, b: int, slot: int, src: list[torch.Tensor],
+    def _send_bucket(self, xfer: _Transfer, b: int, slot: int, src: list[torch.Tensor] | None,
                      manifest: Manifest) -> None:
         plan = xfer.plan
         rows = plan.pieces(b)
@@ -435,9 +496,14 @@ class Publisher:
         toff = plan.piece_tensor_offset[rows]
         ln = plan.piece_length[rows]
         t_gather = time.perf_counter()
-        h = ops.gather(self.ring.slot(slot), [src[i] for i in tidx.tolist()],
-                       plan.piece_slot_offset[rows], lengths=ln, tensor_offsets=toff, hash=True)
-        partials = h.partials()
+        if src is None:  # Note [Bucket sources]: read straight into the slot
+            partials = self._source.fill(self.ring.slot(slot),
+                                         [plan.names[i] for i in tidx.tolist()],
+                                         plan.piece_slot_offset[rows], ln, toff)
+        else:
+            h = ops.gather(self.ring.slot(slot), [src[i] for i in tidx.tolist()],
+                           plan.piece_slot_offset[rows], lengths=ln, tensor_offsets=toff, hash=True)
+            partials = h.partials()
         # Whole pieces must hash to the manifest: otherwise the source changed after it was
         # hashed (a torn snapshot), and the version is aborted rather than shipped.
         whole = (toff == 0) & (ln == plan.nbytes[tidx])
@@ -651,6 +717,8 @@ class Publisher:
         if self._transport is not None and not isinstance(self._transport_spec, Transport):
             self._transport.close()
         self.metrics.close()
+        if self._own_source:
+            self._source.close()
         self.ring = None
 
     def __enter__(self):

@@ -42,6 +42,7 @@ run_bench bench_copy $PY benchmarks/bench_copy.py --device cuda
 [ -f benchmarks/bench_kv.py ] && run_bench bench_kv $PY benchmarks/bench_kv.py --device cuda
 [ -f benchmarks/bench_replicate.py ] && run_bench bench_replicate $PY benchmarks/bench_replicate.py --device cuda --quick
 [ -f benchmarks/bench_paths.py ] && run_bench bench_paths $PY benchmarks/bench_paths.py --device cuda --quick
+[ -f benchmarks/bench_storage.py ] && run_bench bench_storage $PY benchmarks/bench_storage.py --device cuda --quick --repeat 1
 
 step "done (status $status)"
 exit $status

@@ -172,3 +172,36 @@ def test_cuda_host_device_copies():
     back = torch.empty(1 << 20).pin_memory()
     ops.copy_([back], [d])
     assert torch.equal(back, h)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_copy_hashed_ranges_add_up_to_the_tensor_checksum(device):
+    """Ranges of one tensor, copied in any order and split at multiples of 8 bytes into shared
+    accumulators, hash to its checksum (what the checkpoint readers rely on)."""
+    a = _rand(1001, torch.float32, device, seed=1)  # 4004 bytes: a ragged tail
+    b = _rand(77, torch.bfloat16, device, seed=2)
+    ab, bb = a.view(torch.uint8), b.view(torch.uint8)
+    cuts = [0, 1000, 3000, 4004]
+    srcs = [ab[cuts[i]:cuts[i + 1]] for i in (2, 0, 1)] + [bb]
+    dsts = [torch.empty_like(s) for s in srcs]
+    h = ops.copy_hashed(dsts, srcs, [3000, 0, 1000, 0], hash_index=[0, 0, 0, 1])
+    p = h.partials()
+    assert len(p) == 2
+    assert ops.tensor_digest(p[:1], 4004) == ops.checksum(a)
+    assert ops.tensor_digest(p[1:], bb.numel()) == ops.checksum(b)
+    assert all(same(s, d) for s, d in zip(srcs, dsts))
+    if device == "cpu":
+        q = ops.hash_ranges(srcs, [3000, 0, 1000, 0], hash_index=[0, 0, 0, 1])
+        assert q.tolist() == p.tolist()
+
+
+def test_copy_hashed_errors_name_the_range():
+    x = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"tensor offset 4 of piece 0 is not a multiple of 8"):
+        ops.copy_hashed([torch.empty(8, dtype=torch.uint8)], [x[:8]], [4])
+    with pytest.raises(ValueError, match=r"range 0: destination of 4 bytes, source of 8 bytes"):
+        ops.copy_hashed([torch.empty(4, dtype=torch.uint8)], [x[:8]], [0])
+    with pytest.raises(ValueError, match=r"destination 0 must be a 1-D uint8 view, got torch.float32"):
+        ops.copy_hashed([torch.empty(2)], [x[:8]], [0])
+    with pytest.raises(ValueError, match=r"1 ranges but 2 hash indices"):
+        ops.hash_ranges([x], [0], hash_index=[0, 1])
