@@ -8,46 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import statistics
+import sys
 import time
 from typing import Callable, Sequence
 
 import torch
 
+# Benchmarks measure the checkout they live in (its in-place built _C), not whatever
+# hotweights an environment happens to have installed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
-def machine() -> dict:
-    """Where a result was measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    d = {
-        "host": socket.gethostname(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        d["gpu"] = torch.cuda.get_device_name(0)
-        d["gpus"] = torch.cuda.device_count()
-    return d
-
-
-def describe() -> str:
-    m = machine()
-    s = f"{m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, torch {m['torch']}"
-    if "gpu" in m:
-        s += f", {m['gpus']}x {m['gpu']}"
-    return s
+# One implementation of the machine description and the table, shared with the packaged
+# harness (python -m hotweights.bench).
+from hotweights.bench import describe, machine, table  # noqa: E402,F401
 
 
 def time_fn(fn: Callable[[], object], *, reps: int = 5, warmup: int = 1,
@@ -71,18 +47,6 @@ def time_fn(fn: Callable[[], object], *, reps: int = 5, warmup: int = 1,
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def table(rows: Sequence[dict], cols: Sequence[str]) -> str:
-    """Plain-text table of dict rows."""
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
-    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    w = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    line = lambda xs: "  ".join(x.rjust(w[i]) if i else x.ljust(w[i]) for i, x in enumerate(xs))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * x for x in w])] + [line(x) for x in cells])
 
 
 def parser(desc: str) -> argparse.ArgumentParser:

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that contribute subcommands through add_cli(subparsers).
-_SUBCOMMAND_MODULES: list[str] = ["coordinator.cli", "storage", "plan", "kv", "optim", "demo"]
+_SUBCOMMAND_MODULES: list[str] = ["coordinator.cli", "storage", "plan", "kv", "optim", "demo",
+                                   "topo", "presets", "simulate", "bench"]
 
 
 def main(argv=None) -> int:

@@ -143,6 +143,21 @@ def set_link_classifier(fn) -> None:
     _engine.cache_clear()
 
 
+def _install_topology_classifier() -> None:
+    # Topology discovery (NVML, nvidia-smi) lives above this facade: imported lazily, once,
+    # when autotune first meets a peer pair. A failed discovery leaves plain "peer".
+    from . import topo
+
+    try:
+        topo.install_classifier()
+    except Exception as e:  # discovery must never break a copy
+        import logging
+
+        logging.getLogger("hotweights").warning("copy autotune: topology discovery failed (%s: %s); "
+                                                "peer pairs use the generic seed", type(e).__name__, e)
+        set_link_classifier(lambda a, b: "peer")
+
+
 def link_kind(src: torch.device, dst: torch.device) -> str:
     """Kind of link a copy from src to dst uses (host, same_device, peer, ...)."""
     if src.type == "cpu" and dst.type == "cpu":
@@ -163,6 +178,8 @@ def copy_settings(src: torch.device, dst: torch.device, cfg=None) -> CopySetting
     cfg = cfg or _config.get()
     chunk, streams, source = cfg.copy_chunk_bytes, cfg.ipc_copy_streams, "default"
     if cfg.ipc_copy_autotune:
+        if _link_classifier is None and src.type == dst.type == "cuda" and src.index != dst.index:
+            _install_topology_classifier()
         kind = link_kind(src, dst)
         chunk, streams = _AUTOTUNE.get(kind, _AUTOTUNE["peer"])
         source = f"autotune:{kind}"

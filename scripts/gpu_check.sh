@@ -25,6 +25,13 @@ fi
 $PY -m hotweights info --json > "$OUT/info.json" 2>&1 || status=1
 $PY -m hotweights info || status=1
 
+step "topology and preset"
+# The raw matrix is also a real capture for tests/fixtures/nvidia_smi.
+nvidia-smi topo -m > "$OUT/nvidia_smi_topo.txt" 2>&1 || true
+$PY -m hotweights topo --json > "$OUT/topo.json" 2>&1 || status=1
+$PY -m hotweights topo || status=1
+$PY -m hotweights preset --detect --shell || status=1
+
 step "pytest -m 'cuda or multigpu'"
 timeout 300 $PY -m pytest -q -m "cuda or multigpu" tests -p no:cacheprovider \
   --junitxml="$OUT/pytest_cuda.xml" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
@@ -43,6 +50,10 @@ run_bench bench_copy $PY benchmarks/bench_copy.py --device cuda
 [ -f benchmarks/bench_replicate.py ] && run_bench bench_replicate $PY benchmarks/bench_replicate.py --device cuda --quick
 [ -f benchmarks/bench_paths.py ] && run_bench bench_paths $PY benchmarks/bench_paths.py --device cuda --quick
 [ -f benchmarks/bench_storage.py ] && run_bench bench_storage $PY benchmarks/bench_storage.py --device cuda --quick --repeat 1
+# Simulator calibration on one GPU: the link table measured above (ipc_same_gpu), then real
+# same-GPU updates against the simulator's prediction (docs/BENCHMARKS.md, "Simulator").
+[ -f benchmarks/bench_simulate.py ] && [ -f "$OUT/bench_paths.json" ] && run_bench bench_simulate \
+  $PY benchmarks/bench_simulate.py --device cuda --quick --table "$OUT/bench_paths.json"
 
 step "done (status $status)"
 exit $status

@@ -1,0 +1,385 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``hotweights simulate``: predicts the time of one full update, stage by stage, from a link
+table, for machines we cannot reach.
+
+Every output is a **projection** computed from the table, never a measurement. Built-in tables
+(``nvlink8``, ``pcie8``) take each number from ../shared/reference/weight-sync-anchors.md §5 or
+from this project's own measurements, and name the source next to it; ``--topology FILE``
+reads the table that ``python -m hotweights.bench --out FILE`` measured on a real machine.
+
+Note [Update model]: the pipeline as built (hotweights/replicate.py, Note [One update]).
+
+* hash/manifest: the publisher hashes all M bytes where they live (``hash_Bps``) plus a cost
+  per tensor; nothing else runs meanwhile.
+* plan: plan construction per tensor and the ``clients`` request (one round trip r).
+* stream: the ``publish`` request (r), then N = ceil(M / B) buckets. The fixed cost of a
+  bucket (gather/scatter set-up, the handle's post, long-polls, ack, release, the
+  subscriber's version check: 2 + 3K coordinator requests and the Python around them) is
+  **measured on the real pipeline with 4 KiB buckets** (``bucket0_*``, by subscriber count K;
+  linear in K beyond the counts measured): ``L0`` the latency of one bucket alone, ``I0`` the
+  interval between buckets when the ring is full, ``C0`` the CPU seconds all processes spend
+  on it. The bytes add:
+    - latency of a bucket ``T_b = L0 + B/gather_Bps + B/min(scatter_Bps, link_Bps)`` (the
+      publisher's gather+hash into a ring slot, then each subscriber's scatter+hash out of it);
+    - pipeline interval ``I0 + max(B/gather_Bps, B/scatter')``: the slowest copy stage plus
+      the control work that the same threads do;
+    - the publisher's process is serial (its threads and the embedded coordinator share one
+      interpreter): ``C0_pub + B/gather_Bps`` per bucket, with ``C0_pub`` its measured CPU
+      seconds per zero-byte bucket; each subscriber process ``(C0 - C0_pub) / K + B/scatter'``;
+    - publisher egress ``K B / egress_Bps`` when its port is shared by K readers (GPU rings);
+    - one GPU holding the ring and every subscriber (same-GPU IPC): the 1 + K copies share its
+      memory, ``(1 + K) B / shared_device_Bps``;
+    - CPU machines: publisher, subscribers and their control work share the cores and the
+      memory bandwidth, and on a saturated CPU they do not overlap:
+      ``I0 + (1 + K) B / parallel_copy_Bps[1 + K]`` (the zero-byte interval, a wall time that
+      already reflects the cores the processes really got, plus the copies at the aggregate
+      rate that 1 + K processes copying at once reach, measured).
+  The slowest of these sets the interval; the window W (fixed, or the adaptive controller's
+  steady state ``ceil(T_b / interval) + 1`` within its bounds and the ring's slots) caps it at
+  ``T_b / W``. Streaming takes ``T_b + (N - 1) * interval``: the first bucket's latency fills
+  the pipe, then one bucket per interval (the last bucket's latency is the drain).
+* commit: the subscribers' precommit (r) and the answer to the publisher's waiting request
+  (r / 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+__all__ = ["BUILTIN", "load_table", "load_table_dict", "simulate", "Prediction", "add_cli"]
+
+_ANCHORS = "weight-sync-anchors.md §5"
+_BENCH = "docs/BENCHMARKS.md (Machine A, 2-vCPU AMD EPYC VM)"
+
+# The pipeline's fixed cost per bucket (control plane and Python, no bytes), measured on
+# Machine A only (median of the day's 8 hotweights.bench runs; their spread is in
+# docs/BENCHMARKS.md). A GPU host's faster and more numerous cores make it pessimistic there.
+_OV = {"latency": (3.3e-3, 4.5e-3), "interval": (2.3e-3, 2.9e-3), "cpu": (2.45e-3, 3.68e-3),
+       "cpu_publisher": (2.22e-3, 2.12e-3)}
+_OV_SRC = (f"{_BENCH}, hotweights.bench pipeline overhead (real pipeline, 4 KiB buckets, K=1 "
+           "and K=2 subscribers, median of 8 runs; linear in K beyond)")
+
+# Per-GPU numbers shared by both 8-GPU tables (H100 SXM class).
+_H100 = {
+    "hash_Bps": (1.12e12, f"{_ANCHORS}: HBM device_local_copy 1.12 TB/s measured (nvbandwidth #48, "
+                 "H20-3e; the only measured HBM copy there; H100 spec copy <= 1.7 TB/s). Used for "
+                 "the read-only hash pass too: conservative (a hash reads half the bytes a copy moves)"),
+    "gather_Bps": (1.12e12, f"{_ANCHORS}: HBM copy 1.12 TB/s measured (publisher gather+hash "
+                   "into its ring is one device-local copy)"),
+    "scatter_Bps": (1.12e12, f"{_ANCHORS}: HBM copy 1.12 TB/s (the subscriber's local side)"),
+    "coord_rtt_s": (0.237e-3, f"{_BENCH}: coordinator ping p50 0.237 ms on an idle coordinator"),
+    "bucket0_latency_s": ({"1": _OV["latency"][0], "2": _OV["latency"][1]},
+                          f"{_OV_SRC}: one bucket alone (window 1)"),
+    "bucket0_interval_s": ({"1": _OV["interval"][0], "2": _OV["interval"][1]},
+                           f"{_OV_SRC}: interval with the ring full (window 8)"),
+    "bucket0_cpu_s": ({"1": _OV["cpu"][0], "2": _OV["cpu"][1]},
+                      f"{_OV_SRC}: CPU seconds of all processes"),
+    "bucket0_cpu_publisher_s": ({"1": _OV["cpu_publisher"][0], "2": _OV["cpu_publisher"][1]},
+                                f"{_OV_SRC}: CPU seconds of the publisher's process"),
+    "manifest_per_tensor_s": (20e-6, "assumption: per-tensor Python cost of a manifest (CPU "
+                              "measurement order of magnitude)"),
+    "plan_per_tensor_s": (5e-6, f"{_BENCH}: diff + pack of 1,000,000 tensors in 0.144 s "
+                          "(0.14 us/tensor), rounded up for Python around it"),
+}
+
+BUILTIN: dict[str, dict[str, tuple[Any, str]]] = {
+    "nvlink8": {
+        "name": ("nvlink8: 8x H100 SXM, NVLink4 through NVSwitch", "topology"),
+        "kind": ("gpu", "topology"),
+        "link_Bps": (380e9, f"{_ANCHORS}: NVLink4 H100 SXM 380 GB/s one direction measured "
+                     "(p2pBandwidthLatencyTest, NCCL #1264); spec 450"),
+        "egress_Bps": (380e9, f"{_ANCHORS}: the publisher GPU's NVLink port (380 GB/s measured) "
+                       "carries every subscriber's read of its ring"),
+        "default_subscribers": (7, "topology: publisher on GPU0, subscribers on GPU1..7"),
+        **_H100,
+    },
+    "pcie8": {
+        "name": ("pcie8: 8x H100-class GPUs, PCIe Gen5 x16, no NVLink", "topology"),
+        "kind": ("gpu", "topology"),
+        "link_Bps": (50e9, f"{_ANCHORS}: PCIe Gen5 P2P D2D planning estimate 50 GB/s (UCX PR "
+                     "#11865); spec ~63; H2D measured 55.3"),
+        "egress_Bps": (50e9, f"{_ANCHORS}: the publisher GPU's x16 port (50 GB/s) carries every "
+                       "subscriber's read of its ring"),
+        "default_subscribers": (7, "topology: publisher on GPU0, subscribers on GPU1..7"),
+        **_H100,
+    },
+}
+
+_REQUIRED = ("hash_Bps", "gather_Bps", "scatter_Bps", "coord_rtt_s", "bucket0_latency_s",
+             "bucket0_interval_s")
+
+
+def load_table(topology: str) -> dict[str, Any]:
+    """A link table: a built-in name, or a JSON file (hotweights.bench --out, whose
+    ``simulator`` section is used, or a bare table). Values must be positive numbers."""
+    if topology in BUILTIN:
+        b = BUILTIN[topology]
+        t = {k: v for k, (v, _) in b.items()}
+        t["sources"] = {k: s for k, (_, s) in b.items() if s != "topology"}
+        t["measured"] = False
+        return t
+    if not os.path.exists(topology):
+        raise ValueError(f"--topology {topology!r}: expected {', '.join(BUILTIN)} or a JSON file "
+                         "written by `python -m hotweights.bench --out FILE`")
+    with open(topology) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--topology {topology}: not JSON ({e})") from None
+    return load_table_dict(d, topology)
+
+
+def load_table_dict(d: Mapping[str, Any], where: str = "link table") -> dict[str, Any]:
+    """A measured link table from a dict: hotweights.bench results (their ``simulator``
+    section) or a bare table."""
+    t = dict(d.get("simulator", d))
+    missing = [k for k in _REQUIRED if not t.get(k)]
+    if missing:
+        raise ValueError(f"--topology {where}: the link table lacks {missing} (was it written "
+                         "by `python -m hotweights.bench --out` with the cpu_shm_xproc path?)")
+    t.setdefault("sources", {})
+    t["measured"] = True
+    t.setdefault("name", os.path.basename(where))
+    return t
+
+
+def _check(t: Mapping[str, Any]) -> None:
+    for k, v in t.items():
+        if k.endswith(("_Bps", "_s")) and v is not None and not isinstance(v, dict):
+            if not isinstance(v, (int, float)) or v < 0 or (k.endswith("_Bps") and v == 0):
+                raise ValueError(f"link table: {k}={v!r}: expected a positive number")
+
+
+def _agg(par: Mapping[str, float] | None, k: int) -> tuple[float | None, str]:
+    """Aggregate copy rate of k concurrent processes (the largest measured count when k is
+    beyond it: the CPU is saturated there)."""
+    if not par:
+        return None, ""
+    counts = sorted(int(x) for x in par)
+    use = max([c for c in counts if c <= k] or [counts[0]])
+    note = "" if use == k else f" (measured up to {use} processes; {k} assumed saturated at it)"
+    return float(par[str(use)]), note
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One simulated update; every time in seconds."""
+
+    topology: str
+    measured_table: bool
+    model_bytes: int
+    bucket_bytes: int
+    buckets: int
+    subscribers: int
+    tensors: int
+    window: int
+    window_mode: str
+    stages: dict[str, float]        # manifest, plan, stream, commit, total (comparable to PublishResult.timings)
+    busy: dict[str, float]          # resource busy times during the stream
+    per_bucket: dict[str, float]    # the per-bucket terms of Note [Update model]
+    bottleneck: str
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _by_k(d: Mapping[str, float] | None, k: int, what: str, notes: list[str]) -> float | None:
+    """A per-subscriber-count value at K: measured, or linear in K through the two largest
+    measured counts (constant when only one was measured)."""
+    if not d:
+        return None
+    pts = sorted((int(x), float(v)) for x, v in d.items())
+    exact = dict(pts)
+    if k in exact:
+        return exact[k]
+    if len(pts) == 1:
+        notes.append(f"{what}: measured for K={pts[0][0]} only, used for K={k}")
+        return pts[0][1]
+    (k1, v1), (k2, v2) = pts[-2], pts[-1]
+    v = v2 + (k - k2) * (v2 - v1) / (k2 - k1)
+    notes.append(f"{what}: K={k} extrapolated linearly from K={k1}, {k2}")
+    return max(v, min(v1, v2))
+
+
+def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
+             subscribers: int | None = None, window: int | None = None, tensors: int | None = None,
+             min_window: int = 1, max_window: int = 8, slots: int | None = None) -> Prediction:
+    """Predicts one full update of ``model_bytes`` (Note [Update model]). ``window`` None models
+    the adaptive controller's steady state within [min_window, max_window] and ``slots``."""
+    _check(table)
+    m = int(model_bytes)
+    b = int(bucket_bytes)
+    if m <= 0:
+        raise ValueError(f"simulate: model_bytes={model_bytes!r}: expected > 0")
+    if b <= 0:
+        raise ValueError(f"simulate: bucket_bytes={bucket_bytes!r}: expected > 0")
+    k = int(subscribers if subscribers is not None else table.get("default_subscribers", 2))
+    if k < 1:
+        raise ValueError(f"simulate: subscribers={subscribers!r}: expected >= 1")
+    slots = int(slots or max_window)
+    if window is not None and not 1 <= window <= slots:
+        raise ValueError(f"simulate: window={window}: expected 1..{slots} (the ring's slots)")
+    if not 1 <= min_window <= max_window:
+        raise ValueError(f"simulate: window bounds [{min_window}, {max_window}] are not ordered")
+    n_t = int(tensors if tensors is not None else max(1, round(m / 190e6)))
+    n = max(1, math.ceil(m / b))
+    b_eff = m / n  # mean bytes per bucket (the last one is partial)
+    notes: list[str] = []
+    r = float(table["coord_rtt_s"])
+    g_bps, s_bps = float(table["gather_Bps"]), float(table["scatter_Bps"])
+    link = float(table.get("link_Bps") or s_bps)
+    egress = table.get("egress_Bps")
+    l0 = _by_k(table.get("bucket0_latency_s"), k, "bucket0_latency_s", notes)
+    i0 = _by_k(table.get("bucket0_interval_s"), k, "bucket0_interval_s", notes)
+    c0 = _by_k(table.get("bucket0_cpu_s"), k, "bucket0_cpu_s", notes)
+    c0_pub = _by_k(table.get("bucket0_cpu_publisher_s"), k, "bucket0_cpu_publisher_s", notes)
+    if l0 is None or i0 is None:
+        raise ValueError("link table: bucket0_latency_s and bucket0_interval_s (the pipeline's "
+                         "fixed cost per bucket) are missing: measure them with "
+                         "`python -m hotweights.bench --out FILE`")
+
+    t_g = b_eff / g_bps
+    t_s = b_eff / min(s_bps, link)
+    t_x = b_eff / link
+    t_e = k * b_eff / float(egress) if egress else 0.0
+    t_b = l0 + t_g + t_s
+    res = {"pipeline": i0 + max(t_g, t_s)}
+    if c0_pub is not None:
+        # The publisher's process (its threads and the embedded coordinator share one
+        # interpreter) does its control work and waits for its gather, bucket after bucket;
+        # each subscriber process likewise with its scatter.
+        res["publisher process"] = c0_pub + t_g
+        if c0 is not None:
+            res["subscriber process"] = max(c0 - c0_pub, 0.0) / k + t_s
+    if egress:
+        res["egress"] = t_e
+    if table.get("shared_device_Bps"):  # one GPU holds the ring and every subscriber
+        res["device"] = (1 + k) * b_eff / float(table["shared_device_Bps"])
+    if table.get("kind") == "cpu":
+        agg, note = _agg(table.get("parallel_copy_Bps"), 1 + k)
+        if agg is None:
+            agg = g_bps * min(float(table.get("cores") or 1), 1 + k)
+            notes.append("cpu: no parallel_copy_Bps in the table: copies assumed to scale with cores")
+        elif note:
+            notes.append("cpu: aggregate copy rate" + note)
+        # On a saturated CPU the control work and the copies do not overlap: the zero-byte
+        # interval I0 (measured wall time, so it already reflects how many cores the
+        # processes really got) plus the 1 + K copies at their aggregate rate.
+        res["cpu"] = i0 + (1 + k) * b_eff / agg
+    res_name, res_interval = max(res.items(), key=lambda kv: kv[1])
+    if window is None:
+        w = min(max(math.ceil(t_b / res_interval) + 1, min_window), max_window, slots)
+        mode = f"adaptive steady state in [{min_window}, {min(max_window, slots)}]"
+    else:
+        w, mode = int(window), "fixed"
+    interval = max(res_interval, t_b / w)
+    bottleneck = (f"window ({w} x {b_eff / 2**20:.3g} MiB in flight)" if t_b / w > res_interval
+                  else res_name)
+    if bottleneck == "pipeline":
+        bottleneck = ("per-bucket control" if i0 > max(t_g, t_s) else
+                      "gather (publisher copy)" if t_g >= t_s else "scatter (subscriber copy)")
+    stream = r + t_b + (n - 1) * interval
+    manifest = m / float(table["hash_Bps"]) + n_t * float(table.get("manifest_per_tensor_s") or 0)
+    plan = n_t * float(table.get("plan_per_tensor_s") or 0) + r
+    commit = 1.5 * r
+    stages = {"manifest": manifest, "plan": plan, "stream": stream, "commit": commit,
+              "total": manifest + plan + stream + commit}
+    busy = {"gather": n * t_g, "transfer": n * (t_e if egress else t_x),
+            "scatter/verify": n * t_s, "control": n * i0}
+    per_bucket = {"gather_s": t_g, "scatter_s": t_s, "link_s": t_x, "egress_s": t_e,
+                  "control_latency_s": l0, "control_interval_s": i0, "latency_s": t_b,
+                  "interval_s": interval, **{f"resource_{k2}_s": v for k2, v in res.items()}}
+    return Prediction(str(table.get("name")), bool(table.get("measured")), m, b, n, k, n_t, w,
+                      mode, stages, busy, per_bucket, bottleneck, notes)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x * 1e3:.3g} ms" if x < 1 else f"{x:.3g} s"
+
+
+def render(preds: Sequence[Prediction], table: Mapping[str, Any]) -> str:
+    """Tables of the predictions and the link table with sources."""
+    kind = "measured link table" if table.get("measured") else "built-in link table"
+    out = [f"# hotweights simulate: {table.get('name')} ({kind})",
+           "# PROJECTION: computed from the link table below, not measured on this topology"]
+    cols = ["bucket", "window", "subs", "manifest", "plan", "stream", "commit", "total",
+            "bottleneck", "model GB/s"]
+    rows = [cols]
+    for p in preds:
+        s = p.stages
+        rows.append([f"{p.bucket_bytes / 2**20:g} MiB", f"{p.window} ({'fixed' if p.window_mode == 'fixed' else 'adaptive'})",
+                     str(p.subscribers), _fmt_s(s["manifest"]), _fmt_s(s["plan"]), _fmt_s(s["stream"]),
+                     _fmt_s(s["commit"]), _fmt_s(s["total"]), p.bottleneck,
+                     f"{p.model_bytes / s['total'] / 1e9:.3g}"])
+    w = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    out += ["  ".join(x.ljust(w[i]) for i, x in enumerate(r)).rstrip() for r in rows]
+    p = preds[0]
+    out.append(f"model {p.model_bytes / 1e9:g} GB in {p.tensors} tensors; busy time of each "
+               "stream resource for the first row (pipelined, they overlap):")
+    for name, v in p.busy.items():
+        out.append(f"  {name:15s} {_fmt_s(v)}")
+    out.append("link table:")
+    src = table.get("sources", {})
+    for key in sorted(k for k in table if k.endswith(("_Bps", "_s")) or k in ("cores",)):
+        v = table[key]
+        if isinstance(v, dict):
+            shown = ", ".join(f"{a}: {x / 1e9:.3g} GB/s" for a, x in v.items())
+        elif key.endswith("_Bps"):
+            shown = f"{v / 1e9:.4g} GB/s"
+        elif key.endswith("_s"):
+            shown = f"{v * 1e3:.4g} ms"
+        else:
+            shown = str(v)
+        out.append(f"  {key:22s} {shown:28s} {src.get(key, '')}")
+    for note in dict.fromkeys(n for p in preds for n in p.notes):
+        out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def add_cli(subparsers) -> None:
+    s = subparsers.add_parser("simulate", help="project the time of a full update from a link "
+                              "table (nvlink8, pcie8, or a hotweights.bench JSON file)")
+    s.add_argument("--topology", required=True, help=f"{', '.join(BUILTIN)} or FILE (bench --out)")
+    s.add_argument("--model-bytes", type=float, required=True, help="bytes per update, e.g. 140e9")
+    s.add_argument("--bucket-mb", type=float, nargs="+", default=None,
+                   help="bucket size(s) in MiB (default HOTWEIGHTS_BUCKET_MB)")
+    s.add_argument("--window", type=int, nargs="+", default=None,
+                   help="fixed window(s); default: the adaptive controller's steady state")
+    s.add_argument("--subscribers", type=int, default=None,
+                   help="subscribers (default: 7 on the 8-GPU tables, 2 otherwise)")
+    s.add_argument("--tensors", type=int, default=None, help="tensors in the model (default: bytes / 190 MB)")
+    s.add_argument("--preset", default=None, help="take window bounds and bucket size from a preset")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=_cmd_simulate)
+
+
+def _cmd_simulate(args) -> int:
+    from . import config as _config
+
+    if args.preset:
+        from . import presets
+
+        cfg = presets.config_for(args.preset)
+    else:
+        cfg = _config.get()
+    table = load_table(args.topology)
+    buckets = [int(x * 2**20) for x in (args.bucket_mb or [cfg.bucket_mb])]
+    windows = args.window or [None]
+    preds = [simulate(table, args.model_bytes, b, subscribers=args.subscribers, window=w,
+                      tensors=args.tensors, min_window=cfg.ipc_min_inflight,
+                      max_window=cfg.ipc_max_inflight, slots=cfg.ipc_max_inflight)
+             for b in buckets for w in windows]
+    if args.json:
+        print(json.dumps({"projection": True, "table": table,
+                          "predictions": [p.to_dict() for p in preds]}, indent=2, default=str))
+    else:
+        print(render(preds, table))
+    return 0

@@ -1,0 +1,147 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The update simulator (Note [Update model]): pipeline arithmetic on hand-computed cases,
+monotonicity, bottlenecks, link tables and the CLI. No timing is measured here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hotweights import simulate as sim
+from hotweights.cli import main
+
+GIB = 1 << 30
+
+
+def toy(**over) -> dict:
+    """A GPU-kind table with round numbers (1 GB/s copies, 10 ms bucket latency, 2 ms interval)."""
+    t = {"name": "toy", "kind": "gpu", "hash_Bps": 1e9, "gather_Bps": 1e9, "scatter_Bps": 1e9,
+         "coord_rtt_s": 0.001, "bucket0_latency_s": {"1": 0.010}, "bucket0_interval_s": {"1": 0.002}}
+    t.update(over)
+    return t
+
+
+def test_pipeline_math_by_hand():
+    # 4 buckets of 1e9 bytes: gather 1 s, scatter 1 s, bucket latency 0.01 + 1 + 1 = 2.01 s,
+    # pipeline interval 0.002 + max(1, 1) = 1.002 s.
+    p = sim.simulate(toy(), 4e9, int(1e9), subscribers=1, window=1, tensors=4)
+    assert p.buckets == 4 and p.per_bucket["latency_s"] == pytest.approx(2.01)
+    # window 1: each bucket waits for the previous one's release: 0.001 (publish) + 4 x 2.01
+    assert p.stages["stream"] == pytest.approx(0.001 + 2.01 + 3 * 2.01)
+    assert p.bottleneck.startswith("window (1 x")
+    p2 = sim.simulate(toy(), 4e9, int(1e9), subscribers=1, window=2, tensors=4)
+    assert p2.stages["stream"] == pytest.approx(0.001 + 2.01 + 3 * 1.005)  # T_b / 2 > 1.002
+    pa = sim.simulate(toy(), 4e9, int(1e9), subscribers=1, tensors=4)  # adaptive
+    assert pa.window == 4  # ceil(2.01 / 1.002) + 1
+    assert pa.stages["stream"] == pytest.approx(0.001 + 2.01 + 3 * 1.002)
+    assert pa.bottleneck == "gather (publisher copy)"
+    assert pa.stages["manifest"] == pytest.approx(4.0)
+    assert pa.stages["plan"] == pytest.approx(0.001) and pa.stages["commit"] == pytest.approx(0.0015)
+    assert pa.stages["total"] == pytest.approx(sum(pa.stages[s] for s in ("manifest", "plan", "stream", "commit")))
+
+
+def test_slowest_stage_bounds_throughput():
+    # scatter at half the gather rate: the subscriber side sets the interval
+    p = sim.simulate(toy(scatter_Bps=0.5e9), 8e9, int(1e9), subscribers=1, tensors=1)
+    assert p.bottleneck == "scatter (subscriber copy)"
+    assert p.per_bucket["interval_s"] == pytest.approx(0.002 + 2.0)
+    # a shared egress carrying 3 readers of 1e9 at 1 GB/s: 3 s per bucket
+    p = sim.simulate(toy(egress_Bps=1e9), 8e9, int(1e9), subscribers=3, tensors=1)
+    assert p.bottleneck == "egress" and p.per_bucket["interval_s"] == pytest.approx(3.0)
+    # tiny buckets: the fixed control cost dominates
+    p = sim.simulate(toy(), 1e6, 1000, subscribers=1, tensors=1)
+    assert p.bottleneck == "per-bucket control"
+
+
+def test_cpu_tables_share_the_cores():
+    t = toy(kind="cpu", cores=2, parallel_copy_Bps={"1": 1e9, "2": 1.5e9},
+            bucket0_cpu_s={"1": 0.004})
+    p = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=1)
+    # (1 + K) copies at the 2-process aggregate, plus fixed CPU work over 2 cores
+    assert p.per_bucket["resource_cpu_s"] == pytest.approx(2e9 / 1.5e9 + 0.004 / 2)
+    assert p.bottleneck == "cpu"
+    p = sim.simulate(t, 4e9, int(1e9), subscribers=2, tensors=1)
+    assert any("measured up to 2 processes; 3 assumed saturated" in n for n in p.notes)
+    assert any("bucket0_latency_s: measured for K=1 only" in n for n in p.notes)
+
+
+def test_subscriber_count_extrapolates_linearly():
+    notes = []
+    assert sim._by_k({"1": 1.0, "2": 1.5}, 2, "x", notes) == 1.5 and not notes
+    assert sim._by_k({"1": 1.0, "2": 1.5}, 7, "x", notes) == pytest.approx(4.0)
+    assert "K=7 extrapolated linearly from K=1, 2" in notes[0]
+    assert sim._by_k(None, 3, "x", notes) is None
+
+
+@pytest.mark.parametrize("topology", ["nvlink8", "pcie8"])
+def test_monotonic_in_bytes(topology):
+    t = sim.load_table(topology)
+    totals = [sim.simulate(t, m, 64 << 20).stages["total"] for m in (1e9, 16e9, 70e9, 140e9, 280e9)]
+    assert totals == sorted(totals) and len(set(totals)) == len(totals)
+    cpu = toy(kind="cpu", cores=2, parallel_copy_Bps={"1": 1e9, "2": 1.5e9, "3": 1.6e9})
+    totals = [sim.simulate(cpu, m, 64 << 20).stages["total"] for m in (1e8, 1e9, 4e9)]
+    assert totals == sorted(totals)
+
+
+def test_builtin_tables_cite_every_number():
+    for name in sim.BUILTIN:
+        t = sim.load_table(name)
+        for key, value in t.items():
+            if key.endswith(("_Bps", "_s")):
+                src = t["sources"].get(key, "")
+                assert src, f"{name}.{key} has no source"
+                assert "§5" in src or "BENCHMARKS" in src or src.startswith("assumption"), src
+        assert t["measured"] is False
+
+
+def test_nvlink_beats_pcie_and_large_buckets_hit_the_link():
+    nv, pc = sim.load_table("nvlink8"), sim.load_table("pcie8")
+    a = sim.simulate(nv, 140e9, 1 << 30)
+    b = sim.simulate(pc, 140e9, 1 << 30)
+    assert a.stages["total"] < b.stages["total"]
+    assert a.bottleneck == b.bottleneck == "egress"
+    # 7 subscribers read the publisher's ring: 7 x 140 GB through its port
+    assert a.busy["transfer"] == pytest.approx(7 * 140e9 / 380e9, rel=1e-3)
+
+
+def test_load_table_from_bench_json(tmp_path):
+    f = tmp_path / "bench.json"
+    f.write_text(json.dumps({"benchmark": "hotweights.bench", "simulator": toy(kind="cpu", cores=2)}))
+    t = sim.load_table(str(f))
+    assert t["measured"] is True and t["gather_Bps"] == 1e9
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"simulator": {"hash_Bps": 1e9}}))
+    with pytest.raises(ValueError, match=r"lacks \['gather_Bps'"):
+        sim.load_table(str(bad))
+    with pytest.raises(ValueError, match="expected nvlink8, pcie8 or a JSON file"):
+        sim.load_table("nvlink9")
+    (tmp_path / "x.json").write_text("{")
+    with pytest.raises(ValueError, match="not JSON"):
+        sim.load_table(str(tmp_path / "x.json"))
+
+
+def test_argument_errors_name_values():
+    t = toy()
+    with pytest.raises(ValueError, match="model_bytes=0"):
+        sim.simulate(t, 0, 1 << 20)
+    with pytest.raises(ValueError, match="window=9: expected 1..8"):
+        sim.simulate(t, 1e9, 1 << 20, window=9)
+    with pytest.raises(ValueError, match="gather_Bps=-1"):
+        sim.simulate(toy(gather_Bps=-1), 1e9, 1 << 20)
+    with pytest.raises(ValueError, match="bucket0_latency_s and bucket0_interval_s"):
+        sim.simulate(toy(bucket0_latency_s=None), 1e9, 1 << 20)
+
+
+def test_cli(capsys):
+    assert main(["simulate", "--topology", "nvlink8", "--model-bytes", "140e9",
+                 "--bucket-mb", "64", "1024", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["projection"] is True and len(d["predictions"]) == 2
+    assert d["predictions"][0]["subscribers"] == 7
+    assert main(["simulate", "--topology", "pcie8", "--model-bytes", "16e9", "--window", "1", "4",
+                 "--preset", "pcie"]) == 0
+    out = capsys.readouterr().out
+    assert "PROJECTION" in out and "weight-sync-anchors.md §5" in out
+    assert main(["simulate", "--topology", "pcie8", "--model-bytes", "16e9", "--window", "7",
+                 "--preset", "pcie"]) == 1  # the pcie preset's ring has 6 slots
