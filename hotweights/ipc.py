@@ -151,9 +151,11 @@ class RingImport:
                 if dev.index is None:
                     dev = torch.device("cuda", torch.cuda.current_device())
                 self._impl = _C.cuda.CudaRingImport(info["raw"], dev.index)
-                self.device = dev
+                self.device = dev  # where this process works (its stream waits on slot events)
                 arr = _CudaArray(self._impl.ptr, self.slot_bytes * self.slots, self._impl)
-                self._buf = torch.as_tensor(arr, device=dev)
+                # The view lives on the GPU that holds the memory (the exporter's, found by
+                # UUID): asking torch for another device would silently copy the ring.
+                self._buf = torch.as_tensor(arr, device=torch.device("cuda", self._impl.ring_device))
         except ValueError as e:  # _C validation errors: corrupted/foreign handles
             raise HandleError(str(e)) from None
         if self._impl is not None and self.kind == "cpu" and self._impl.size != self.slots * self.slot_bytes:

@@ -191,6 +191,12 @@ def copy_settings(src: torch.device, dst: torch.device, cfg=None) -> CopySetting
 
 
 @functools.lru_cache(maxsize=None)
+def _peer_ok(device: int, peer: int) -> bool:
+    """Peer access from device to peer, enabled once per pair."""
+    return bool(_C.cuda.enable_peer_access(device, peer))
+
+
+@functools.lru_cache(maxsize=None)
 def _engine(kind: str, device: int, chunk_bytes: int, streams: int):
     # Engines live for the process: their streams/threads are reused by every batch.
     if kind == "cpu":
@@ -322,7 +328,10 @@ def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
                              f"{sorted(map(str, dst_devs))}")
         (src_dev,), (dst_dev,) = src_devs, dst_devs
         device = dst_dev.index if dst_dev.type == "cuda" else src_dev.index
-        kernel_ok = all(d.type == "cuda" for d in devs)
+        # The batched kernel runs on `device` and reads the other side directly: across two
+        # GPUs that needs peer access (else cudaMemcpyAsync copies, without hashing).
+        kernel_ok = all(d.type == "cuda" for d in devs) and (
+            src_dev == dst_dev or _peer_ok(dst_dev.index, src_dev.index))
         if nh and not kernel_ok:
             raise ValueError(f"{op}: hashing needs both sides on CUDA devices, got {sorted(map(str, devs))}")
         st = copy_settings(src_dev, dst_dev)

@@ -306,6 +306,7 @@ PYBIND11_MODULE(_C, m) {
     return out;
   });
   c.def("peer_access_matrix", &hc::peer_access_matrix);
+  c.def("enable_peer_access", &hc::enable_peer_access, py::arg("device"), py::arg("peer"));
   c.def("checksum_many", [](const U64Array& ptrs, const U64Array& sizes, uintptr_t out,
                             uintptr_t stream) {
     HW_CHECK_ARG(ptrs.size() == sizes.size(), "checksum_many: ptrs and sizes differ in length");

@@ -30,6 +30,9 @@ int device_count(std::string* error);
 std::vector<DeviceInfo> devices();
 /// can[i][j]: device i can access device j's memory directly (cudaDeviceCanAccessPeer).
 std::vector<std::vector<int>> peer_access_matrix();
+/// Lets kernels on `device` read `peer`'s memory (cudaDeviceEnablePeerAccess, once per pair).
+/// False when the pair cannot do peer access (copies then go through cudaMemcpyAsync).
+bool enable_peer_access(int device, int peer);
 /// 16 raw UUID bytes of a device, and the reverse lookup (-1 when not visible).
 std::string device_uuid(int device);
 int device_from_uuid(const std::string& uuid16);

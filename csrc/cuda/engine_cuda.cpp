@@ -74,6 +74,21 @@ std::vector<std::vector<int>> peer_access_matrix() {
   return m;
 }
 
+bool enable_peer_access(int device, int peer) {
+  if (device == peer) return true;
+  int can = 0;
+  HW_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, device, peer));
+  if (!can) return false;
+  DeviceGuard g(device);
+  cudaError_t e = cudaDeviceEnablePeerAccess(peer, 0);
+  if (e == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();  // clear it: already enabled is what we want
+    return true;
+  }
+  HW_CUDA_CHECK(e);
+  return true;
+}
+
 std::string device_uuid(int device) {
   cudaDeviceProp p;
   HW_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
