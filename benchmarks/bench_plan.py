@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import time
 
 import numpy as np
 import torch

@@ -33,15 +33,7 @@ from common import describe, machine, parser, table  # noqa: E402
 N_TENSORS = 200
 
 
-class Bag(torch.nn.Module):
-    """A model that is just N 1-D parameters of equal size."""
-
-    def __init__(self, n: int, numel: int, seed: int, device: str = "cpu"):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        for i in range(n):
-            self.register_parameter(f"w{i:03d}", torch.nn.Parameter(
-                torch.empty(numel).normal_(generator=g).to(device), requires_grad=False))
+from bench_replicate import Bag  # noqa: E402  (one synthetic model for both benchmarks)
 
 
 def _subscriber(i, endpoint, numel, q, stop, device="cpu"):

@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--host", default="127.0.0.1", help="address the coordinator binds and advertises")
     args = p.parse_args()
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(rank)
     coord = start_embedded(endpoint=f"tcp://{args.host}:0") if rank == 0 else None
     endpoint = share(coord.endpoint if coord else None, rank)

@@ -16,10 +16,7 @@ coordinator on ``--metrics-port`` (rank 0), subscriber i on ``--metrics-port`` +
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
-import os
-import queue
 import sys
 import time
 
@@ -77,7 +74,7 @@ def _probe_bytes(model: torch.nn.Module) -> bytes:
 
 def _subscriber(i: int, endpoint: str, swap: str, size: dict, q, stop, metrics_port: int) -> None:
     """An inference replica: generates continuously; reports each applied version."""
-    import hotweights
+    import hotweights  # noqa: F401  (installs Module.register_hotweights)
     from hotweights import metrics, ops
 
     torch.set_num_threads(1)
@@ -118,7 +115,7 @@ def main(versions: int = 4, subscribers: int = 2, size: str = "small", timeout: 
     """Runs the demo; returns 0 when every version switched cleanly on every subscriber.
     ``metrics_port`` 0 turns the exporters off; ``hold`` (s) keeps the processes running after
     the last version."""
-    import hotweights
+    import hotweights  # noqa: F401  (installs Module.register_hotweights)
     from hotweights import metrics
     from hotweights.coordinator import start_embedded
 

@@ -8,10 +8,8 @@ bit-identical and that bytes crossed to node1 once per version, not once per sub
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 
 def main(kill_leader: bool = False) -> int:

@@ -4,7 +4,6 @@ killed subscribers and publishers, corrupted slots, late joiners, mismatched mod
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -19,7 +18,7 @@ from hotweights import UpdateError, config
 from hotweights.coordinator import Client, start_embedded
 
 from replicate_children import make_model, publisher, subscriber, unpack
-from utils import cpu_and_cuda, hotweights_fds
+from utils import children, cpu_and_cuda, get_message, hotweights_fds
 
 FAST = {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
         "HOTWEIGHTS_HANDLE_TTL": "3", "HOTWEIGHTS_VERSION_TIMEOUT_S": "60"}
@@ -39,38 +38,14 @@ def coord(fast_env):
     c.stop()
 
 
-@contextlib.contextmanager
-def children(target, endpoint, specs, q, stop):
-    """Starts one spawned child per spec; always stops and reaps them."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(i, endpoint, s, q, stop), daemon=True)
-             for i, s in enumerate(specs)]
-    for p in procs:
-        p.start()
-    try:
-        yield procs
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
 def get(q, kind, timeout=120):
-    """The next message of a kind (children's errors fail the test at once)."""
-    end = time.monotonic() + timeout
-    while True:
-        msg = q.get(timeout=max(0.1, end - time.monotonic()))
-        if msg[0] == "error":
-            raise AssertionError(f"child {msg[1]} failed: {msg[2]}")
-        if msg[0] == kind:
-            if kind in ("applied", "published"):
-                msg = (*msg[:3], unpack(msg[3]), *msg[4:])
-            if kind == "outputs":
-                msg = (msg[0], msg[1], [torch.from_numpy(o) for o in msg[2]], msg[3])
-            return msg
+    """The next message of a kind, with children's packed states and outputs unpacked."""
+    msg = get_message(q, kind, timeout)
+    if kind in ("applied", "published"):
+        msg = (*msg[:3], unpack(msg[3]), *msg[4:])
+    if kind == "outputs":
+        msg = (msg[0], msg[1], [torch.from_numpy(o) for o in msg[2]], msg[3])
+    return msg
 
 
 def same_state(a: dict, b: dict) -> bool:

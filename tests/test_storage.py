@@ -41,6 +41,7 @@ from hotweights.storage import ALIGN, CheckpointError, ReadRequest, StorageError
 
 import storage_children
 from storage_children import module_from
+from utils import children, get_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
@@ -165,33 +166,7 @@ def versions(endpoint: str, model: str) -> list:
         return c.status(model)["models"].get(model, {}).get("versions", [])
 
 
-@contextlib.contextmanager
-def children(target, endpoint, specs, q, stop):
-    """Starts one spawned child per spec; always stops and reaps them."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(i, endpoint, s, q, stop), daemon=True)
-             for i, s in enumerate(specs)]
-    for p in procs:
-        p.start()
-    try:
-        yield procs
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
-def get(q, kind, timeout=120):
-    end = time.monotonic() + timeout
-    while True:
-        msg = q.get(timeout=max(0.1, end - time.monotonic()))
-        if msg[0] == "error":
-            raise AssertionError(f"child {msg[1]} failed: {msg[2]}")
-        if msg[0] == kind:
-            return msg
+get = get_message
 
 
 # --------------------------------------------------------------------------- round trips

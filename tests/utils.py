@@ -7,6 +7,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import socket
+import time
 
 import pytest
 
@@ -56,3 +57,35 @@ def hotweights_fds() -> list[str]:
             if "hotweights:" in target:
                 out.append(target)
     return out
+
+
+@contextlib.contextmanager
+def children(target, endpoint, specs, q, stop):
+    """Starts one spawned child target(i, endpoint, spec, q, stop) per spec; always stops
+    (sets ``stop``) and reaps them, killing stragglers."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(i, endpoint, s, q, stop), daemon=True)
+             for i, s in enumerate(specs)]
+    for p in procs:
+        p.start()
+    try:
+        yield procs
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def get_message(q, kind, timeout=120):
+    """The next message ("kind", child, ...) of a kind from q; a child's ("error", i, text)
+    fails the test at once."""
+    end = time.monotonic() + timeout
+    while True:
+        msg = q.get(timeout=max(0.1, end - time.monotonic()))
+        if msg[0] == "error":
+            raise AssertionError(f"child {msg[1]} failed: {msg[2]}")
+        if msg[0] == kind:
+            return msg

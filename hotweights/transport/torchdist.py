@@ -8,7 +8,6 @@ import concurrent.futures
 import logging
 import os
 
-import torch
 import torch.distributed as dist
 
 from .base import Transport, TransportError
