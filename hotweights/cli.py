@@ -36,7 +36,10 @@ def _cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hotweights", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="hotweights",
+        description="Push new model weights into running processes: publish versions, serve "
+                    "them, inspect the coordinator, plan, check and benchmark.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     s = sub.add_parser("info", help="build record, CUDA, GPUs, MPI/UCX/Redis/ZeroMQ/GDS availability")
     s.add_argument("--json", action="store_true", help="print JSON")
