@@ -14,8 +14,6 @@ host) get the bytes once per node over the inter-node transport, through their n
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
 
 import torch
@@ -93,5 +91,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if socket.gethostname() else "")
     raise SystemExit(main())

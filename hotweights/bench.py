@@ -63,17 +63,24 @@ CUDA_PATHS = ("h2d_pinned", "d2h_pinned", "same_device", "ipc_same_gpu", "peer")
 # (benchmarks/common.py re-exports these: one implementation)
 
 
+def _stop_workers(pipes, procs) -> None:
+    """Asks every worker to stop through its pipe, then reaps (or kills) it."""
+    for a in pipes:
+        try:
+            a.send(("stop",))
+        except (BrokenPipeError, OSError):
+            pass
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+
+
 def machine() -> dict:
     """Where a result was measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from .topo import cpu_model
+
+    cpu = cpu_model() or platform.processor() or platform.machine()
     d = {
         "host": socket.gethostname(),
         "cpu": cpu,
@@ -483,15 +490,7 @@ def parallel_copy_rates(counts: Sequence[int], duration: float, rounds: int = 3)
                 got[c].append(total)
         return {c: statistics.median(v) for c, v in got.items()}
     finally:
-        for a in pipes:
-            try:
-                a.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        _stop_workers(pipes, procs)
 
 
 # --------------------------------------------------------------------------- control plane
@@ -637,15 +636,7 @@ def pipeline_overhead(counts: Sequence[int] = (1, 2), buckets: int = 64, bucket_
                 finally:
                     pub.close()
         finally:
-            for a in pipes:
-                try:
-                    a.send(("stop",))
-                except (BrokenPipeError, OSError):
-                    pass
-            for pr in procs:
-                pr.join(10)
-                if pr.is_alive():
-                    pr.kill()
+            _stop_workers(pipes, procs)
             coord.stop()
     return out
 

@@ -290,17 +290,21 @@ def _cpulist(mask_words: Sequence[int], word_bits: int = 64) -> str:
     return ",".join(parts)
 
 
-def host_info(sysfs: str = "/sys") -> dict[str, Any]:
-    """Cores, the usable ones, CPU model and NUMA nodes (from sysfs) of this host."""
-    cpu = None
+def cpu_model() -> str | None:
+    """The CPU model name from /proc/cpuinfo (None when it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def host_info(sysfs: str = "/sys") -> dict[str, Any]:
+    """Cores, the usable ones, CPU model and NUMA nodes (from sysfs) of this host."""
+    cpu = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
