@@ -75,9 +75,11 @@ def merge_tables(tables: list[dict]) -> dict:
     return out
 
 
-def run_case(coord, src, q, k: int, bucket_mib: int, window: int | None, reps: int) -> dict:
+def run_case(coord, src, q, k: int, bucket_mib: int, window: int | None, reps: int,
+             direct: bool = False) -> dict:
     """Median (by total) of ``reps`` full publishes after one warm-up, with this case's
-    bucket size and window (None: adaptive with the default bounds)."""
+    bucket size and window (None: adaptive with the default bounds), through the ring or as
+    direct reads."""
     import hotweights
     from hotweights import config
 
@@ -86,7 +88,7 @@ def run_case(coord, src, q, k: int, bucket_mib: int, window: int | None, reps: i
         over.update(ipc_adapt=False, ipc_inflight_buckets=window)
     cfg = config.load(os.environ, **over)
     pub = hotweights.Publisher(src, name="calib", endpoint=coord.endpoint, serve_late=False,
-                               config=cfg)
+                               config=cfg, direct="on" if direct else "off")
     try:
         def publish(label):
             with torch.no_grad():
@@ -124,7 +126,8 @@ def recompute(files: list[str]) -> None:
         for c in d["cases"]:
             pred = simulate.simulate(lt, c["measured"]["bytes"], c["bucket_mib"] << 20,
                                      subscribers=c["k"], window=c["window"], tensors=N_TENSORS,
-                                     min_window=1, max_window=8, slots=8)
+                                     min_window=1, max_window=8, slots=8,
+                                     direct=c.get("direct", False))
             m = c["measured"]["timings"]["total_s"]
             e = (pred.stages["total"] - m) / m
             errs.append(e)
@@ -171,13 +174,18 @@ def main():
             measured.append(json.load(f))
     else:
         measure("before")
-    cases_by_k = {2: [(64, None), (16, None), (4, None), (64, 1), (64, 4)], 1: [(64, None), (4, None)]}
+    # (bucket MiB, window, direct reads): a CPU publisher reads directly by default; the ring
+    # cases keep its model calibrated too
+    cases_by_k = {2: [(64, None, True), (16, None, True), (4, None, True), (64, None, False),
+                      (4, None, False), (64, 1, False), (64, 4, False)],
+                  1: [(64, None, True), (4, None, True), (64, None, False)]}
     if args.quick:
-        cases_by_k = {2: [(64, None), (4, None)], 1: [(16, None)]}
+        cases_by_k = {2: [(64, None, True), (64, None, False)], 1: [(16, None, True)]}
     if cuda:  # one GPU: the publisher's ring and every subscriber on cuda:0
-        cases_by_k = {1: [(64, None), (256, None), (16, None), (64, 1)], 2: [(64, None)]}
+        cases_by_k = {1: [(64, None, False), (256, None, False), (16, None, False), (64, 1, False)],
+                      2: [(64, None, False)]}
         if args.quick:
-            cases_by_k = {1: [(64, None), (16, None)]}
+            cases_by_k = {1: [(64, None, False), (16, None, False)]}
     numel = mib * 2**20 // 4 // N_TENSORS
     rows, details = [], []
     ctx = mp.get_context("spawn")
@@ -193,12 +201,12 @@ def main():
             for _ in procs:
                 assert q.get(timeout=180)[0] == "ready"
             src = Bag(N_TENSORS, numel, 1, dev)
-            for bucket_mib, window in cases:
-                meas = run_case(coord, src, q, k, bucket_mib, window, reps)
+            for bucket_mib, window, direct in cases:
+                meas = run_case(coord, src, q, k, bucket_mib, window, reps, direct)
                 case = f"{mib} MiB, {bucket_mib} MiB buckets, K={k}, " + (
-                    f"window {window}" if window else "adaptive")
+                    "direct" if direct else f"ring, window {window}" if window else "ring, adaptive")
                 details.append({"case": case, "k": k, "bucket_mib": bucket_mib, "window": window,
-                                "measured": meas})
+                                "direct": direct, "measured": meas})
                 print(f"{case}: measured {meas['timings']['total_s']:.3f} s", file=sys.stderr,
                       flush=True)
         finally:
@@ -217,7 +225,7 @@ def main():
     lt = merge_tables(tables)
     for d in details:  # predictions from the combined table, and the spread over each table
         kw = dict(subscribers=d["k"], window=d["window"], tensors=N_TENSORS, min_window=1,
-                  max_window=8, slots=8)
+                  max_window=8, slots=8, direct=d["direct"])
         pred = simulate.simulate(lt, d["measured"]["bytes"], d["bucket_mib"] << 20, **kw)
         d["predicted"] = pred.to_dict()
         d["predicted_each_table"] = [simulate.simulate(t, d["measured"]["bytes"],

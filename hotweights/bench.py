@@ -553,8 +553,10 @@ def pipeline_overhead(counts: Sequence[int] = (1, 2), buckets: int = 64, bucket_
                       reps: int = 3, device: str = "cpu") -> dict[str, dict[str, float]]:
     """The real pipeline's fixed cost per bucket (Publisher, embedded coordinator in this
     process, K spawned subscribers) measured with buckets of ``bucket_bytes`` (4 KiB: the
-    copies cost nothing): the latency of one bucket alone (window 1), the interval between
-    buckets with the ring full (window 8), and the CPU seconds all processes spend per bucket.
+    copies cost nothing): through the ring, the latency of one bucket alone (window 1), the
+    interval between buckets with the ring full (window 8), and the CPU seconds all processes
+    spend per bucket; on the CPU the same for direct reads (``direct_*``: every bucket posted
+    at once; the latency from a one-bucket update).
     """
     from . import config as _config
     from .coordinator import start_embedded
@@ -562,6 +564,8 @@ def pipeline_overhead(counts: Sequence[int] = (1, 2), buckets: int = 64, bucket_
 
     out: dict[str, dict[str, float]] = {"latency_s": {}, "interval_s": {}, "cpu_s": {},
                                         "cpu_publisher_s": {}}
+    if device == "cpu":
+        out.update({f"direct_{key}": {} for key in list(out)})
     ctx = mp.get_context("spawn")
     numel = bucket_bytes // 4
     for k in counts:
@@ -611,28 +615,40 @@ def pipeline_overhead(counts: Sequence[int] = (1, 2), buckets: int = 64, bucket_
                     total += expect(i, lambda m: m[0] == "cpu", "CPU time")[1]
                 return mine, total
 
-            for w, key in ((1, "latency_s"), (8, "interval_s")):
+            passes = [(1, "latency_s", "off"), (8, "interval_s", "off")]
+            if device == "cpu":
+                passes.append((8, "direct_interval_s", "on"))
+            for w, key, direct in passes:
                 cfg = _config.load({}, bucket_mb=1, ipc_adapt=False, ipc_inflight_buckets=w,
                                    ipc_max_inflight=8)
                 pub = Publisher(src, name=name, endpoint=coord.endpoint, bucket_bytes=bucket_bytes,
-                                serve_late=False, config=cfg)
+                                serve_late=False, config=cfg, direct=direct)
                 try:
-                    per, cpus, pubs = [], [], []
+                    per, cpus, pubs, lat = [], [], [], []
                     for rep in range(reps + 1):
                         for t in src.values():
                             t.add_(1)
                         c0 = cpu_now()
-                        r = pub.publish(f"w{w}-{rep}")
+                        r = pub.publish(f"w{w}-{direct}-{rep}")
                         c1 = cpu_now()
                         applied(r.version)
                         if rep:  # the first publish warms staging and rings
                             per.append(r.timings["stream_s"] / r.buckets)
                             pubs.append((c1[0] - c0[0]) / r.buckets)
                             cpus.append((c1[1] - c0[1]) / r.buckets)
+                        if direct == "on":  # one bucket alone: its latency
+                            next(iter(src.values())).add_(1)
+                            r1 = pub.publish(f"one-{rep}")
+                            applied(r1.version)
+                            if rep:
+                                lat.append(r1.timings["stream_s"])
                     out[key][str(k)] = statistics.median(per)
+                    pre = "direct_" if direct == "on" else ""
                     if w == 8:
-                        out["cpu_s"][str(k)] = statistics.median(cpus)
-                        out["cpu_publisher_s"][str(k)] = statistics.median(pubs)
+                        out[pre + "cpu_s"][str(k)] = statistics.median(cpus)
+                        out[pre + "cpu_publisher_s"][str(k)] = statistics.median(pubs)
+                    if lat:
+                        out["direct_latency_s"][str(k)] = statistics.median(lat)
                 finally:
                     pub.close()
         finally:
@@ -988,7 +1004,13 @@ def link_table(res: dict, path: str | None = None) -> dict:
                       ("interval_s", "interval between buckets, ring full (window 8)"),
                       ("cpu_s", "CPU seconds of all processes per bucket"),
                       ("cpu_publisher_s", "CPU seconds of the publisher's process (with the "
-                       "embedded coordinator) per bucket")):
+                       "embedded coordinator) per bucket"),
+                      ("direct_latency_s", "direct reads: latency of a one-bucket update"),
+                      ("direct_interval_s", "direct reads: interval between buckets, all "
+                       "posted at once"),
+                      ("direct_cpu_s", "direct reads: CPU seconds of all processes per bucket"),
+                      ("direct_cpu_publisher_s", "direct reads: CPU seconds of the "
+                       "publisher's process per bucket")):
         if ov.get(key):
             put(f"bucket0_{key}", dict(ov[key]), f"real pipeline on {'cuda:0' if gpu else 'cpu'} "
                 "with 4 KiB buckets (Publisher, embedded coordinator, K spawned subscribers): "

@@ -204,6 +204,7 @@ _SETTINGS: tuple[Setting, ...] = (
     _s("ipc_max_inflight", 8, _int(1, 1024), "Largest window the controller may choose (also the slot count of a ring).", "window"),
     _s("ipc_target_bucket_ms", 250.0, _float(0, None, lo_open=True), "Bucket service-time budget (ms): above it the window shrinks.", "window"),
     _s("bucket_mb", 64, _int(1, 1 << 20), "Bucket (slot) size in MiB for plans and slot rings.", "window"),
+    _s("direct_read", "auto", _choice("auto", "on", "off"), "Same-node CPU subscribers copy straight from the publisher's tensors (moved once into shared memory) instead of through the slot ring; on = require it, off = always the ring.", "window"),
     # coordinator
     _s("coord_endpoint", None, _endpoint, "Coordinator endpoint(s), e.g. tcp://127.0.0.1:5555; unset = embedded in-process coordinator.", "coordinator"),
     _s("coord_backend", "memory", _choice("memory", "redis"), "Coordinator state backend.", "coordinator"),

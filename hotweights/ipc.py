@@ -19,7 +19,8 @@ import torch
 from . import _C
 from .ops import HAS_CUDA_BUILD, require_cuda_build
 
-__all__ = ["SlotRing", "RingImport", "HandleError", "open_ring", "ring_info"]
+__all__ = ["SlotRing", "RingImport", "HandleError", "open_ring", "ring_info", "DirectUnavailable",
+           "share_host_tensors", "SourceMaps"]
 
 HANDLE_VERSION = 1
 _MAGIC = "hotweights.ring"
@@ -240,3 +241,136 @@ def _forget(imp: RingImport) -> None:
         for k, v in list(_cache.items()):
             if v is imp:
                 del _cache[k]
+
+
+# --------------------------------------------------------------------------- direct reads
+# Note [Direct reads] (hotweights/replicate.py) explains when and why; these are the two ends.
+
+class DirectUnavailable(RuntimeError):
+    """The source cannot be read directly by other processes (the ring is used instead)."""
+
+
+# An fd per shared storage stays open in the publisher and each subscriber maps every one:
+# above this many storages the ring is the better tool (and fd / map-count limits loom).
+MAX_DIRECT_STORAGES = 4096
+
+
+def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
+    """Moves the storages of CPU tensors into POSIX shared memory *in place* (torch's own
+    ``share_memory_`` mechanism: every tensor, view or alias of a storage, in or outside
+    ``tensors``, keeps pointing at it) and describes where each tensor lives:
+    ``{"pid", "st": [[fd, inode, nbytes], ...], "sidx": int32[n], "soff": int64[n]}``.
+    Storages already in shared memory are not copied again. Raises DirectUnavailable."""
+    import os
+
+    import numpy as np
+
+    storages: dict[int, int] = {}  # StorageImpl address -> index in st
+    st, sidx, soff = [], np.empty(len(tensors), np.int32), np.empty(len(tensors), np.int64)
+    pending = []
+    for i, t in enumerate(tensors):
+        if t.device.type != "cpu":
+            raise DirectUnavailable(f"tensor {i} is on {t.device}, direct reads are for CPU tensors")
+        if not t.is_contiguous():
+            raise DirectUnavailable(f"tensor {i} of shape {tuple(t.shape)} is not contiguous")
+        if _pinned(t):
+            raise DirectUnavailable(f"tensor {i} is in pinned memory (moving it would unpin it)")
+        s = t.untyped_storage()
+        if s._cdata not in storages:
+            storages[s._cdata] = len(pending)
+            pending.append(s)
+        sidx[i] = storages[s._cdata]
+    if len(pending) > MAX_DIRECT_STORAGES:
+        raise DirectUnavailable(f"{len(pending)} storages, direct reads map at most "
+                                f"{MAX_DIRECT_STORAGES}")
+    _check_shm_room(pending)
+    for s in pending:
+        try:
+            fd, nbytes = s._share_fd_cpu_()  # in place; a no-op when already shared
+        except Exception as e:  # e.g. file-backed (mmap-loaded) storages, fd limits
+            raise DirectUnavailable(f"a storage of {s.nbytes()} bytes cannot move to shared "
+                                    f"memory: {type(e).__name__}: {e}") from None
+        st.append([int(fd), int(os.fstat(fd).st_ino), int(nbytes)])
+    for i, t in enumerate(tensors):  # offsets after the move: the storage's address changed
+        soff[i] = t.data_ptr() - pending[sidx[i]].data_ptr()
+    return {"pid": os.getpid(), "st": st, "sidx": sidx, "soff": soff}
+
+
+def _pinned(t: torch.Tensor) -> bool:
+    try:
+        return bool(t.is_pinned())
+    except RuntimeError:  # no accelerator runtime: nothing is pinned
+        return False
+
+
+def _check_shm_room(storages) -> None:
+    """Refuses up front when /dev/shm cannot hold the storages that still have to move (a
+    full tmpfs would otherwise surface as SIGBUS on first touch, e.g. Docker's 64 MiB)."""
+    import os
+
+    need = 0
+    for s in storages:
+        if not s.is_shared():
+            need += s.nbytes()
+    if not need:
+        return
+    try:
+        v = os.statvfs("/dev/shm")
+    except OSError as e:
+        raise DirectUnavailable(f"/dev/shm is not usable: {e}") from None
+    free = v.f_bavail * v.f_frsize
+    if need + (64 << 20) > free:
+        raise DirectUnavailable(f"/dev/shm has {free >> 20} MiB free, the source needs "
+                                f"{need >> 20} MiB (+64 MiB headroom)")
+
+
+class SourceMaps:
+    """A subscriber's read-only mappings of publishers' shared storages, opened through
+    /proc/<pid>/fd once and reused by every later version (keyed by pid, fd and inode, so a
+    reused fd number is never mistaken for the storage it replaced)."""
+
+    def __init__(self):
+        self._maps: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def region(self, pid: int, fd: int, ino: int, nbytes: int) -> torch.Tensor:
+        import mmap
+        import os
+        import warnings
+
+        key = (int(pid), int(fd), int(ino))
+        view = self._maps.get(key)
+        if view is not None and view.numel() >= nbytes:
+            return view
+        for k in [k for k in self._maps if k[:2] == key[:2]]:
+            del self._maps[k]  # that fd now holds another storage: the old one is gone
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            f = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise HandleError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            stt = os.fstat(f)
+            if stt.st_ino != ino or stt.st_size < nbytes:
+                raise HandleError(f"{path} is inode {stt.st_ino} of {stt.st_size} bytes, the "
+                                  f"publisher announced inode {ino} of {nbytes} bytes")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            m = mmap.mmap(f, int(nbytes), flags=flags, prot=mmap.PROT_READ)
+        finally:
+            os.close(f)
+        with warnings.catch_warnings():  # read-only by design: nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(m, dtype=torch.uint8)
+        self._maps[key] = view
+        return view
+
+    def pids(self) -> set[int]:
+        return {k[0] for k in self._maps}
+
+    def drop(self, pid: int | None = None) -> None:
+        """Unmaps the storages of one publisher process (all with None); the memory goes when
+        the last view of it is gone."""
+        for k in [k for k in self._maps if pid is None or k[0] == pid]:
+            del self._maps[k]
+
+    def __len__(self) -> int:
+        return len(self._maps)

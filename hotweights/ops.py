@@ -28,6 +28,7 @@ __all__ = [
     "copy_",
     "gather",
     "scatter",
+    "scatter_regions",
     "hash_pieces",
     "bucket_digest",
     "tensor_digest",
@@ -432,6 +433,47 @@ def scatter(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequenc
     tab, ln, tptrs, bptrs, toff = _layout(buf, tensors, offsets, lengths, tensor_offsets, "scatter")
     h = _submit(tab[:, _DEVICE], _buffer_code(buf, len(tab)), ln, tptrs, bptrs,
                 _hash_base(toff, "scatter") if hash else None, (buf, tensors), "scatter")
+    return h if async_op else h.wait(timeout)
+
+
+def scatter_regions(regions: Sequence[torch.Tensor], region_index, region_offsets,
+                    tensors: Sequence[torch.Tensor], *, lengths, tensor_offsets,
+                    hash: bool = False, async_op: bool = False,
+                    timeout: float | None = None) -> CopyHandle:
+    """Like :func:`scatter`, but piece i is read from ``regions[region_index[i]]`` (1-D uint8
+    tensors, e.g. another process's storages mapped here) at byte ``region_offsets[i]``: the
+    read side of a direct read (Note [Direct reads] in hotweights.replicate). Hash partials are
+    keyed by ``tensor_offsets`` like gather/scatter's."""
+    op = "scatter_regions"
+    rtab = _byte_views(list(regions), op, "region")
+    tab = _table(list(tensors), op)
+    n = len(tab)
+    ridx = np.asarray(region_index, np.int64).reshape(-1)
+    roff = np.asarray(region_offsets, np.int64).reshape(-1)
+    ln = np.asarray(lengths, np.int64).reshape(-1)
+    toff = np.asarray(tensor_offsets, np.int64).reshape(-1)
+    if not n == len(ridx) == len(roff) == len(ln) == len(toff):
+        raise ValueError(f"{op}: {n} tensors, {len(ridx)} region indices, {len(roff)} region "
+                         f"offsets, {len(ln)} lengths, {len(toff)} tensor offsets")
+    bad = np.flatnonzero((ridx < 0) | (ridx >= len(rtab)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{op}: piece {i} names region {ridx[i]}, there are {len(rtab)}")
+    tn = tab[:, _NBYTES]
+    bad = np.flatnonzero((toff < 0) | (ln < 0) | (toff + ln > tn))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{op}: piece {i} [{toff[i]}, {toff[i] + ln[i]}) is outside its tensor "
+                         f"of {tn[i]} bytes")
+    cap = rtab[ridx, _NBYTES] if n else np.zeros(0, np.int64)
+    bad = np.flatnonzero((roff < 0) | (roff + ln > cap))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{op}: piece {i} at offset {roff[i]} with {ln[i]} bytes runs past "
+                         f"region {ridx[i]} of {cap[i]} bytes")
+    h = _submit(tab[:, _DEVICE], rtab[ridx, _DEVICE] if n else np.zeros(0, np.int64), ln,
+                tab[:, _PTR] + toff, (rtab[ridx, _PTR] if n else np.zeros(0, np.int64)) + roff,
+                _hash_base(toff, op) if hash else None, (list(regions), list(tensors)), op)
     return h if async_op else h.wait(timeout)
 
 

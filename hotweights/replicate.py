@@ -21,6 +21,27 @@ Note [One update]
 5. The publisher's releaser thread learns of acks (and lease expiries) by long-polling the
    coordinator; a released slot is reused, and the bucket's service time (post to last ack)
    feeds the window controller.
+
+Note [Direct reads]
+On the CPU the ring costs a copy that a subscriber on the same node does not need: it can map
+the publisher's tensors and copy them straight into its shadows, one copy per subscriber
+instead of a gather plus one per subscriber (what MPI's single-copy shared-memory path does).
+So by default (HOTWEIGHTS_DIRECT_READ=auto, the ``direct`` argument) a CPU publisher moves the
+storages of its source into POSIX shared memory once, in place (torch's ``share_memory_``
+mechanism: every view and alias, inside the model or not, keeps pointing at the same storage;
+later publishes re-share only storages that were replaced), and a version whose subscribers all
+live on this node and on the CPU is streamed as *direct* handles: (storage fd, inode, offset) per
+piece instead of (slot, offset). Subscribers map each storage read-only through
+/proc/<pid>/fd once, copy and hash in one pass, and check every whole tensor of the bucket
+against the manifest at once (split tensors at the end, as always). What the ring's gather
+check did (a tensor modified after it was hashed never ships) is now the subscriber's check:
+a source modified during ``publish`` makes the reads mismatch, the bucket is re-sent, and after
+three attempts the version aborts; nothing is applied. The price: the publish holds the source
+until the last subscriber has read it (``publish`` already returns only after the commit), the
+source's memory is shared memory (shmem pages; /dev/shm must have room, checked up front), and
+a subscriber that cannot map it (another pid namespace, say) nacks with DIRECT_UNAVAILABLE, after
+which that subscriber gets the ring. Catch-up versions for late joiners, versions with remote
+(relayed) or CUDA subscribers, CUDA sources and checkpoint sources always use the ring.
 """
 
 from __future__ import annotations
@@ -40,7 +61,7 @@ from . import config as _config
 from . import metrics as _metrics
 from .coordinator import Client, CoordinatorError
 from .dist import launch_info
-from .ipc import SlotRing, open_ring
+from .ipc import DirectUnavailable, HandleError, SlotRing, SourceMaps, open_ring, share_host_tensors
 from .transport import Transport, TransportError, create_transport, select_transport
 from .manifest import Manifest, ManifestError, dtype_name
 from .plan import Plan, SubscriberSpec, make_plan
@@ -49,6 +70,9 @@ __all__ = ["Publisher", "PublishResult", "PublishError", "Subscriber", "UpdateEr
            "StagedVersion", "BucketSource"]
 
 log = logging.getLogger("hotweights")
+
+# The nack of a subscriber that cannot map a direct read's source (Note [Direct reads]).
+DIRECT_UNAVAILABLE = "direct read unavailable"
 
 
 class PublishError(RuntimeError):
@@ -139,6 +163,7 @@ class _Transfer:
         self.acked_bytes = 0
         self.progress: Callable[[int, int], None] | None = None
         self.done = threading.Event()
+        self.direct: dict | None = None     # Note [Direct reads]: where the source lives
 
 
 class Publisher:
@@ -159,7 +184,7 @@ class Publisher:
                  quorum: Any = None, token: str | None = None, node: str | None = None,
                  serve_late: bool = True, change_tracking: str = "hash",
                  optimizers: list | tuple = (), transport: str | Transport | None = "auto",
-                 client: Client | None = None, config=None):
+                 direct: str | None = None, client: Client | None = None, config=None):
         self.cfg = config or _config.get()
         _metrics.autostart(self.cfg)  # HOTWEIGHTS_METRICS_PORT (+ local rank); off by default
         if change_tracking not in ("hash", "version"):
@@ -194,6 +219,8 @@ class Publisher:
         self._transport: Transport | None = transport if isinstance(transport, Transport) else None
         self._tags = 0
         self.ring = SlotRing(self.bucket_bytes, self.slots, self.device, name=f"pub-{name}")
+        self.direct = self._direct_setup(direct or self.cfg.direct_read)
+        self._no_direct: set[str] = set()   # subscribers that could not map the source
         self.window = _C.WindowController(
             base=min(self.cfg.ipc_inflight_buckets, self.slots),
             byte_cap=self.cfg.ipc_inflight_bytes, adapt=self.cfg.ipc_adapt,
@@ -221,7 +248,7 @@ class Publisher:
         # hashed, before it is announced (tests corrupt or delay slots through it).
         self.after_gather: Callable[[int, torch.Tensor, int], None] | None = None
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "retries": 0, "expired": 0,
-                      "relayed_bytes": 0}
+                      "relayed_bytes": 0, "direct_buckets": 0}
         self._routes: dict[str, dict] = {}  # subscriber id -> {"node", "leader", "peer"}
         self._released_after = 0
         self._releaser = threading.Thread(target=self._release_loop, name=f"hw-pub-{name}",
@@ -233,6 +260,30 @@ class Publisher:
             self._watcher = threading.Thread(target=self._late_join_loop,
                                              name=f"hw-pub-late-{name}", daemon=True)
             self._watcher.start()
+
+    def _direct_setup(self, mode: str) -> bool:
+        """Whether same-node CPU subscribers may read the source in place (Note [Direct
+        reads]); moves the source to shared memory now, so the first publish is not slower."""
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"Publisher: direct={mode!r}, expected 'auto', 'on' or 'off'")
+        if mode == "off":
+            return False
+        why = None
+        if self._bucket_source:
+            why = "a checkpoint source is read bucket by bucket"
+        elif self.device.type != "cpu":
+            why = f"the source is on {self.device} (direct reads are for CPU sources)"
+        else:
+            try:
+                share_host_tensors(list(_tensors_of(self._source).values()))
+            except DirectUnavailable as e:
+                why = str(e)
+        if why is None:
+            return True
+        if mode == "on":
+            raise ValueError(f"Publisher: direct='on' but {why}")
+        log.info("publisher %s: subscribers read through the ring: %s", self.name, why)
+        return False
 
     @classmethod
     def from_checkpoint(cls, checkpoint, name: str = "model", endpoint: str | None = None, *,
@@ -269,9 +320,9 @@ class Publisher:
             if self._closed:
                 raise PublishError("publisher is closed")
             return self._publish(label, timeout if timeout is not None else self.cfg.version_timeout_s,
-                                 progress)
+                                 progress, direct=True)
 
-    def _publish(self, label, timeout, progress=None) -> PublishResult:
+    def _publish(self, label, timeout, progress=None, direct: bool = False) -> PublishResult:
         t0 = time.perf_counter()
         if self._bucket_source:
             tensors = None
@@ -289,6 +340,7 @@ class Publisher:
         specs = [SubscriberSpec(c["client_id"], self._manifest(c["version"]),
                                 c["consumer"] or None) for c in subs]
         plan = make_plan(manifest, specs, self.bucket_bytes)
+        layout = self._direct_layout(plan, tensors, subs) if direct else None
         t_plan = time.perf_counter()
         version = self.client.publish(
             self.client_id, self.name, manifest.to_bytes(), label=label, parent=self.version,
@@ -300,6 +352,7 @@ class Publisher:
         self._manifests[version] = manifest
         xfer = _Transfer(version, plan)
         xfer.progress = progress
+        xfer.direct = layout
         with self._cv:
             self._transfer = xfer
         try:
@@ -341,6 +394,27 @@ class Publisher:
                                f"{info.get('reason') or xfer.failed or 'no reason given'}")
         self.version = version
         return res
+
+    def _direct_layout(self, plan: Plan, tensors, subs: list[dict]) -> dict | None:
+        """Where each tensor of the plan lives in shared memory, when this version can go as
+        direct reads (Note [Direct reads]); None: through the ring."""
+        if not self.direct or tensors is None or not plan.num_buckets:
+            return None
+        for c in subs:
+            r = self._routes.get(c["client_id"], {})
+            if r.get("leader") is not None or not str(c.get("device", "cpu")).startswith("cpu") \
+                    or c["client_id"] in self._no_direct:
+                return None
+        used = np.unique(plan.piece_tensor)
+        try:
+            lay = share_host_tensors([tensors[plan.names[i]] for i in used.tolist()])
+        except DirectUnavailable as e:
+            log.info("publisher %s: version through the ring: %s", self.name, e)
+            return None
+        sidx = np.full(len(plan.names), -1, np.int32)
+        soff = np.zeros(len(plan.names), np.int64)
+        sidx[used], soff[used] = lay["sidx"], lay["soff"]
+        return {"pid": lay["pid"], "st": lay["st"], "sidx": sidx, "soff": soff}
 
     def _route(self, subs: list[dict]) -> dict[str, dict]:
         """Who reads this publisher's ring directly (same node) and who gets buckets through
@@ -458,10 +532,12 @@ class Publisher:
                     if not queue and not self._inflight_of(xfer):
                         return
                     info_bytes = sum(v[2] for v in self._inflight.values())
-                    if queue and self._free and self.window.can_admit(
-                            len(self._inflight), info_bytes, int(plan.bucket_used[queue[0]])):
+                    # direct reads hold no slot: nothing to pace (Note [Direct reads])
+                    direct = xfer.direct is not None
+                    if queue and (direct or self._free and self.window.can_admit(
+                            len(self._inflight), info_bytes, int(plan.bucket_used[queue[0]]))):
                         b = queue.pop(0)
-                        slot = self._free.pop()
+                        slot = None if direct else self._free.pop()
                         break
                     left = deadline - time.perf_counter()
                     if left <= 0:
@@ -473,7 +549,8 @@ class Publisher:
                 self._send_bucket(xfer, b, slot, src, manifest)
             except Exception as e:  # a send that failed frees its slot and aborts the version
                 with self._cv:
-                    self._free.append(slot)
+                    if slot is not None:
+                        self._free.append(slot)
                     xfer.failed = f"sending bucket {b} failed: {type(e).__name__}: {e}"
                     self._cv.notify_all()
                 return
@@ -487,13 +564,16 @@ class Publisher:
     def _inflight_of(self, xfer: _Transfer) -> bool:
         return any(v[4] is xfer for v in self._inflight.values())
 
-    def _send_bucket(self, xfer: _Transfer, b: int, slot: int, src: list[torch.Tensor] | None,
-                     manifest: Manifest) -> None:
+    def _send_bucket(self, xfer: _Transfer, b: int, slot: int | None,
+                     src: list[torch.Tensor] | None, manifest: Manifest) -> None:
         plan = xfer.plan
         rows = plan.pieces(b)
         tidx = plan.piece_tensor[rows]
         toff = plan.piece_tensor_offset[rows]
         ln = plan.piece_length[rows]
+        if slot is None:
+            self._post_direct(xfer, b, tidx, toff)
+            return
         t_gather = time.perf_counter()
         if src is None:  # Note [Bucket sources]: read straight into the slot
             partials = self._source.fill(self.ring.slot(slot),
@@ -566,6 +646,35 @@ class Publisher:
         xfer.posted += 1
         self.metrics.gathered(int(ln.sum()), gather_s)
 
+    def _post_direct(self, xfer: _Transfer, b: int, tidx: np.ndarray, toff: np.ndarray) -> None:
+        """Announces bucket b as a direct read: for each piece, which shared storage holds it
+        and where (Note [Direct reads]); nothing is copied here."""
+        d = xfer.direct
+        used, local = np.unique(d["sidx"][tidx], return_inverse=True)
+        attempt = xfer.attempts.get(b, 0) + 1
+        xfer.attempts[b] = attempt
+        if self.after_gather is not None:
+            self.after_gather(b, None, attempt)
+        payload = {"bucket": b, "attempt": attempt, "direct": {
+            "pid": d["pid"], "st": [d["st"][k] for k in used.tolist()],
+            "sidx": local.astype(np.int32).tobytes(),
+            "soff": (d["soff"][tidx] + toff).astype(np.int64).tobytes()}}
+        hid = uuid.uuid4().hex
+        with self._cv:
+            self._inflight[hid] = (None, b, int(xfer.plan.bucket_used[b]), time.perf_counter(),
+                                   xfer, [])
+            self._report_inflight()
+        try:
+            self.client.post_handle(self.client_id, self.name, xfer.version, payload,
+                                    consumers=list(xfer.plan.consumers(b)), handle_id=hid)
+        except Exception:
+            with self._cv:
+                self._inflight.pop(hid, None)
+                self._report_inflight()
+            raise
+        xfer.posted += 1
+        self.stats["direct_buckets"] += 1
+
     def _report_inflight(self) -> None:
         """In-flight gauges (call with self._cv held)."""
         self.metrics.inflight(len(self._inflight), sum(v[2] for v in self._inflight.values()))
@@ -598,7 +707,8 @@ class Publisher:
                         if entry is None:
                             continue
                         slot, b, nbytes, t_post, xfer, _ = entry
-                        self._free.append(slot)
+                        if slot is not None:
+                            self._free.append(slot)
                         lost = [c for c in rel.get("missing", []) if self._is_leader(c)]
                         if lost and xfer is self._transfer and not xfer.failed:
                             # a node's relay is gone: its subscribers cannot finish this version
@@ -637,7 +747,13 @@ class Publisher:
             self.stats["expired"] += 1
             if not rel.get("missing"):
                 return  # nobody live still needs it
-        why = "; ".join(f"{k}: {v}" for k, v in (rel.get("errors") or {}).items()) or rel["reason"]
+        errors = rel.get("errors") or {}
+        why = "; ".join(f"{k}: {v}" for k, v in errors.items()) or rel["reason"]
+        unmappable = [c for c, e in errors.items() if str(e).startswith(DIRECT_UNAVAILABLE)]
+        if unmappable and xfer.direct is not None:  # the rest of this version and later ones
+            log.warning("publisher %s: %s; they get the ring", self.name, why)
+            self._no_direct.update(unmappable)
+            xfer.direct = None
         if xfer.attempts.get(b, 0) >= 3:
             xfer.failed = f"bucket {b} failed 3 times ({why})"
             return
@@ -689,6 +805,7 @@ class Publisher:
             log.info("publisher %s: %d subscriber(s) joined after version %s: catch-up",
                      self.name, len(behind), self.version)
             try:
+                # through the ring: training may go on while it streams (Note [Direct reads])
                 self._publish(f"catch-up of v{self.version}", self.cfg.version_timeout_s)
             except Exception as e:
                 log.warning("publisher %s: catch-up failed: %s", self.name, e)
@@ -794,9 +911,12 @@ class Subscriber:
         self._reuse_event = None                  # CUDA: shadows may be rewritten after this
         self._closed = False
         self.errors: list[tuple[int, str]] = []
-        self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0}
+        self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0,
+                      "direct_buckets": 0}
         self.metrics = _metrics.SubscriberMetrics(name)
         self._rings: dict[str, Any] = {}          # owner client id -> ring import
+        self._sources = SourceMaps()              # publishers' storages (Note [Direct reads])
+        self._source_pids: dict[str, int] = {}    # owner client id -> its pid
         self._transport: Transport | None = None  # created when this subscriber first relays
         self._relay: _Relay | None = None
         # Test hooks: called with the bucket index before each scatter, and with (version,
@@ -861,7 +981,6 @@ class Subscriber:
             self._fail(version, problems)
             return
         buckets = plan.buckets_for(self.client_id)
-        self._drop_dead_rings()
         shadows = self._shadows(plan, mine)
         staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, t0)
         if staged is None:
@@ -874,6 +993,7 @@ class Subscriber:
         self.stats["bytes"] += staged.bytes
         if self.on_staged:
             self.on_staged(staged)
+        self._drop_dead_rings()  # off the critical path: one request per known publisher
 
     def _receive_buckets(self, version, info, plan, mine, buckets, shadows, t0):
         acc = np.zeros(len(plan.names), np.uint64)
@@ -914,14 +1034,17 @@ class Subscriber:
                     continue
                 if self.before_scatter is not None:
                     self.before_scatter(b)
-                try:
-                    src_ring = self._ring_of(h["owner"])
-                except Exception as e:
-                    self.client.ack_handle(self.client_id, h["handle_id"], False,
-                                           f"cannot import the ring of {h['owner']}: {e}")
-                    continue
-                ok, err, partials = self._scatter(src_ring, plan, b, int(p["slot"]), int(p["digest"]),
-                                                  shadows)
+                if "direct" in p:
+                    ok, err, partials = self._read_direct(h["owner"], plan, b, p["direct"], shadows)
+                else:
+                    try:
+                        src_ring = self._ring_of(h["owner"])
+                    except Exception as e:
+                        self.client.ack_handle(self.client_id, h["handle_id"], False,
+                                               f"cannot import the ring of {h['owner']}: {e}")
+                        continue
+                    ok, err, partials = self._scatter(src_ring, plan, b, int(p["slot"]),
+                                                      int(p["digest"]), shadows)
                 if ok:
                     np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
                     todo.discard(b)
@@ -1031,14 +1154,55 @@ class Subscriber:
             return False, f"relay of bucket {b} to node {self.node!r} failed: {e}", None
 
     def _drop_dead_rings(self) -> None:
-        """Unmaps the rings of publishers that left or died, so their memory can go."""
-        for pid in list(self._rings):
+        """Unmaps the rings (and directly read storages) of publishers that left or died, so
+        their memory can go."""
+        for cid in set(self._rings) | set(self._source_pids):
             try:
-                alive = self.client.get_client(pid).get("alive", False)
+                alive = self.client.get_client(cid).get("alive", False)
             except CoordinatorError:
                 alive = False
             if not alive:
-                self._rings.pop(pid).close()
+                if cid in self._rings:
+                    self._rings.pop(cid).close()
+                if cid in self._source_pids:
+                    self._sources.drop(self._source_pids.pop(cid))
+
+    def _read_direct(self, owner: str, plan: Plan, b: int, d: dict,
+                     shadows: dict[str, torch.Tensor]):
+        """Copies bucket b straight from the publisher's shared storages into the shadows,
+        hashing as it reads; every whole tensor is checked against the manifest now (Note
+        [Direct reads])."""
+        rows = plan.pieces(b)
+        tidx = plan.piece_tensor[rows]
+        ln = plan.piece_length[rows]
+        toff = plan.piece_tensor_offset[rows]
+        try:
+            pid = int(d["pid"])
+            regions = [self._sources.region(pid, *map(int, st)) for st in d["st"]]
+            self._source_pids[owner] = pid
+        except (HandleError, OSError, ValueError, TypeError, KeyError) as e:
+            return False, f"{DIRECT_UNAVAILABLE}: {e}", None
+        t_read = time.perf_counter()
+        try:
+            h = ops.scatter_regions(regions, np.frombuffer(d["sidx"], np.int32),
+                                    np.frombuffer(d["soff"], np.int64),
+                                    [shadows[plan.names[i]] for i in tidx.tolist()],
+                                    lengths=ln, tensor_offsets=toff, hash=True)
+            partials = h.partials()
+        except Exception as e:
+            return False, f"direct read of bucket {b} failed: {type(e).__name__}: {e}", None
+        t_verify = time.perf_counter()
+        whole = np.flatnonzero((toff == 0) & (ln == plan.nbytes[tidx]))
+        bad = [k for k in whole.tolist() if ops.tensor_digest([partials[k]], int(ln[k]))
+               != int(plan.checksums[tidx[k]])]
+        self.metrics.bucket(_metrics.path_label(torch.device("cpu"), self.device), int(ln.sum()),
+                            t_verify - t_read, time.perf_counter() - t_verify, not bad)
+        if bad:
+            return False, (f"tensor {plan.names[tidx[bad[0]]]!r} read from the publisher does not "
+                           "match its manifest checksum (was the source modified during "
+                           "publish?)"), None
+        self.stats["direct_buckets"] += 1
+        return True, None, partials
 
     def _check_model(self, plan: Plan, mine: list[int]) -> str | None:
         """The model must match the manifest for the tensors this subscriber receives."""
@@ -1131,6 +1295,8 @@ class Subscriber:
         for ring in self._rings.values():
             ring.close()
         self._rings.clear()
+        self._sources.drop()
+        self._source_pids.clear()
         if self._transport is not None:
             self._transport.close()
             self._transport = None

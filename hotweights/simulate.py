@@ -40,6 +40,14 @@ Note [Update model]: the pipeline as built (hotweights/replicate.py, Note [One u
   the pipe, then one bucket per interval (the last bucket's latency is the drain).
 * commit: the subscribers' precommit (r) and the answer to the publisher's waiting request
   (r / 2).
+
+Direct reads (``direct=True``, Note [Direct reads] in replicate.py; CPU subscribers on the
+publisher's node): no gather and no slot. Every bucket is posted at once, so no window caps
+anything; a bucket's latency is ``L0' + B/scatter'`` and the interval the slowest of the
+subscribers' per-bucket work ``I0' + B/scatter'``, each subscriber process
+``C0'_sub / K + B/scatter'`` and, on a CPU, ``I0' + K B / parallel_copy_Bps[K]`` (only the K
+subscribers copy). The primed fixed costs are the ``bucket0_direct_*`` entries, measured the
+same way with direct reads; a table without them uses the ring's (noted).
 """
 
 from __future__ import annotations
@@ -208,9 +216,11 @@ def _by_k(d: Mapping[str, float] | None, k: int, what: str, notes: list[str]) ->
 
 def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
              subscribers: int | None = None, window: int | None = None, tensors: int | None = None,
-             min_window: int = 1, max_window: int = 8, slots: int | None = None) -> Prediction:
+             min_window: int = 1, max_window: int = 8, slots: int | None = None,
+             direct: bool = False) -> Prediction:
     """Predicts one full update of ``model_bytes`` (Note [Update model]). ``window`` None models
-    the adaptive controller's steady state within [min_window, max_window] and ``slots``."""
+    the adaptive controller's steady state within [min_window, max_window] and ``slots``.
+    ``direct``: subscribers read the source in place (CPU tables only)."""
     _check(table)
     m = int(model_bytes)
     b = int(bucket_bytes)
@@ -234,16 +244,25 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
     g_bps, s_bps = float(table["gather_Bps"]), float(table["scatter_Bps"])
     link = float(table.get("link_Bps") or s_bps)
     egress = table.get("egress_Bps")
-    l0 = _by_k(table.get("bucket0_latency_s"), k, "bucket0_latency_s", notes)
-    i0 = _by_k(table.get("bucket0_interval_s"), k, "bucket0_interval_s", notes)
-    c0 = _by_k(table.get("bucket0_cpu_s"), k, "bucket0_cpu_s", notes)
-    c0_pub = _by_k(table.get("bucket0_cpu_publisher_s"), k, "bucket0_cpu_publisher_s", notes)
+    if direct and table.get("kind") != "cpu":
+        raise ValueError("simulate: direct reads are modelled for CPU tables only (a GPU "
+                         "publisher streams through its ring)")
+    pre = "bucket0_"
+    if direct:
+        if table.get("bucket0_direct_latency_s") and table.get("bucket0_direct_interval_s"):
+            pre = "bucket0_direct_"
+        else:
+            notes.append("direct: no bucket0_direct_* in the table: the ring's fixed costs used")
+    l0 = _by_k(table.get(pre + "latency_s"), k, pre + "latency_s", notes)
+    i0 = _by_k(table.get(pre + "interval_s"), k, pre + "interval_s", notes)
+    c0 = _by_k(table.get(pre + "cpu_s"), k, pre + "cpu_s", notes)
+    c0_pub = _by_k(table.get(pre + "cpu_publisher_s"), k, pre + "cpu_publisher_s", notes)
     if l0 is None or i0 is None:
         raise ValueError("link table: bucket0_latency_s and bucket0_interval_s (the pipeline's "
                          "fixed cost per bucket) are missing: measure them with "
                          "`python -m hotweights.bench --out FILE`")
 
-    t_g = b_eff / g_bps
+    t_g = 0.0 if direct else b_eff / g_bps
     t_s = b_eff / min(s_bps, link)
     t_x = b_eff / link
     t_e = k * b_eff / float(egress) if egress else 0.0
@@ -253,7 +272,8 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
         # The publisher's process (its threads and the embedded coordinator share one
         # interpreter) does its control work and waits for its gather, bucket after bucket;
         # each subscriber process likewise with its scatter.
-        res["publisher process"] = c0_pub + t_g
+        if not direct:  # direct: the publisher only posts (all at once)
+            res["publisher process"] = c0_pub + t_g
         if c0 is not None:
             res["subscriber process"] = max(c0 - c0_pub, 0.0) / k + t_s
     if egress:
@@ -261,18 +281,21 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
     if table.get("shared_device_Bps"):  # one GPU holds the ring and every subscriber
         res["device"] = (1 + k) * b_eff / float(table["shared_device_Bps"])
     if table.get("kind") == "cpu":
-        agg, note = _agg(table.get("parallel_copy_Bps"), 1 + k)
+        copiers = k if direct else 1 + k
+        agg, note = _agg(table.get("parallel_copy_Bps"), copiers)
         if agg is None:
-            agg = g_bps * min(float(table.get("cores") or 1), 1 + k)
+            agg = g_bps * min(float(table.get("cores") or 1), copiers)
             notes.append("cpu: no parallel_copy_Bps in the table: copies assumed to scale with cores")
         elif note:
             notes.append("cpu: aggregate copy rate" + note)
         # On a saturated CPU the control work and the copies do not overlap: the zero-byte
         # interval I0 (measured wall time, so it already reflects how many cores the
         # processes really got) plus the 1 + K copies at their aggregate rate.
-        res["cpu"] = i0 + (1 + k) * b_eff / agg
+        res["cpu"] = i0 + copiers * b_eff / agg
     res_name, res_interval = max(res.items(), key=lambda kv: kv[1])
-    if window is None:
+    if direct:  # no slots: every bucket is posted at once
+        w, mode = n, "direct reads (no window)"
+    elif window is None:
         w = min(max(math.ceil(t_b / res_interval) + 1, min_window), max_window, slots)
         mode = f"adaptive steady state in [{min_window}, {min(max_window, slots)}]"
     else:
@@ -357,6 +380,9 @@ def add_cli(subparsers) -> None:
                    help="subscribers (default: 7 on the 8-GPU tables, 2 otherwise)")
     s.add_argument("--tensors", type=int, default=None, help="tensors in the model (default: bytes / 190 MB)")
     s.add_argument("--preset", default=None, help="take window bounds and bucket size from a preset")
+    s.add_argument("--ring", action="store_true",
+                   help="CPU tables: model the slot ring (HOTWEIGHTS_DIRECT_READ=off) instead of "
+                   "direct reads, which is what a CPU publisher does by default")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_cmd_simulate)
 
@@ -373,9 +399,10 @@ def _cmd_simulate(args) -> int:
     table = load_table(args.topology)
     buckets = [int(x * 2**20) for x in (args.bucket_mb or [cfg.bucket_mb])]
     windows = args.window or [None]
+    direct = table.get("kind") == "cpu" and not args.ring and cfg.direct_read != "off"
     preds = [simulate(table, args.model_bytes, b, subscribers=args.subscribers, window=w,
                       tensors=args.tensors, min_window=cfg.ipc_min_inflight,
-                      max_window=cfg.ipc_max_inflight, slots=cfg.ipc_max_inflight)
+                      max_window=cfg.ipc_max_inflight, slots=cfg.ipc_max_inflight, direct=direct)
              for b in buckets for w in windows]
     if args.json:
         print(json.dumps({"projection": True, "table": table,

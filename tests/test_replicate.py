@@ -74,6 +74,8 @@ def test_two_subscribers_bit_identical_delta_and_late_joiner(coord, device):
             r1 = pub.publish("full")
             total = sum(t.numel() * t.element_size() for t in src.state_dict().values())
             assert r1.bytes == total and r1.buckets > 3
+            # same-node CPU subscribers read the source in place (Note [Direct reads])
+            assert pub.stats["direct_buckets"] == (r1.buckets if device == "cpu" else 0)
             for _ in specs:
                 _, i, v, state, nbytes, _t = get(q, "applied")
                 assert v == r1.version and nbytes == total
@@ -205,9 +207,10 @@ def test_publisher_killed_mid_version_then_new_session(coord):
         assert h.version == v1 and h.staged_version is None
         assert same_state(snapshot(model), pub_state)  # the old version stays live
         end = time.monotonic() + 10
-        while h._sub._rings and time.monotonic() < end:  # the dead publisher's ring is unmapped
+        while (h._sub._rings or len(h._sub._sources)) and time.monotonic() < end:
+            # the dead publisher's ring (or storages it read directly) are unmapped
             time.sleep(0.1)
-        assert not h._sub._rings
+        assert not h._sub._rings and not len(h._sub._sources)  # nor its storages
         # a new publisher session works
         src = make_model(77)
         with hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096) as pub:
@@ -223,7 +226,9 @@ def test_corrupted_slot_is_resent_never_applied(coord):
     src = make_model(11)
     dst = make_model(12)
     before = snapshot(dst)
-    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=2)
+    # the slots are what this test corrupts: the ring, not direct reads
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=2,
+                               direct="off")
     h = dst.register_hotweights(name="m", endpoint=coord, commit="manual")
     try:
         def corrupt_once(b, slot, attempt):

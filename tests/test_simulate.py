@@ -66,6 +66,27 @@ def test_cpu_tables_share_the_cores():
     assert any("bucket0_latency_s: measured for K=1 only" in n for n in p.notes)
 
 
+def test_direct_reads_have_no_gather_and_no_window():
+    t = toy(kind="cpu", cores=2, parallel_copy_Bps={"1": 1e9, "2": 1.5e9},
+            bucket0_direct_latency_s={"1": 0.004}, bucket0_direct_interval_s={"1": 0.001})
+    p = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=4, window=1, direct=True)
+    # only the subscriber copies: latency 0.004 + 1 s; interval 0.001 + 1 s; every bucket is
+    # posted at once, so the window argument does not cap anything
+    assert p.per_bucket["gather_s"] == 0 and p.per_bucket["latency_s"] == pytest.approx(1.004)
+    assert p.window == 4 and p.window_mode.startswith("direct")
+    assert p.stages["stream"] == pytest.approx(0.001 + 1.004 + 3 * 1.001)
+    assert p.bottleneck == "scatter (subscriber copy)"
+    ring = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=4, window=1)
+    assert ring.stages["stream"] > 2 * p.stages["stream"]
+    # K = 2 direct readers share the 2-process aggregate rate, not the 3-process one
+    p2 = sim.simulate(t, 4e9, int(1e9), subscribers=2, tensors=4, direct=True)
+    assert p2.per_bucket["resource_cpu_s"] == pytest.approx(0.001 + 2e9 / 1.5e9)
+    q = sim.simulate(toy(kind="cpu", cores=2), 4e9, int(1e9), subscribers=1, tensors=4, direct=True)
+    assert any("no bucket0_direct" in n for n in q.notes)
+    with pytest.raises(ValueError, match="CPU tables only"):
+        sim.simulate(toy(), 4e9, int(1e9), direct=True)
+
+
 def test_subscriber_count_extrapolates_linearly():
     notes = []
     assert sim._by_k({"1": 1.0, "2": 1.5}, 2, "x", notes) == 1.5 and not notes
