@@ -88,7 +88,8 @@ def run_case(coord, src, q, k: int, bucket_mib: int, window: int | None, reps: i
         over.update(ipc_adapt=False, ipc_inflight_buckets=window)
     cfg = config.load(os.environ, **over)
     pub = hotweights.Publisher(src, name="calib", endpoint=coord.endpoint, serve_late=False,
-                               config=cfg, direct="on" if direct else "off")
+                               config=cfg, direct="on" if direct else "off",
+                               bucket_bytes=bucket_mib << 20)  # exactly, direct reads too
     try:
         def publish(label):
             with torch.no_grad():

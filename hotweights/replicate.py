@@ -39,8 +39,11 @@ a source modified during ``publish`` makes the reads mismatch, the bucket is re-
 three attempts the version aborts; nothing is applied. The price: the publish holds the source
 until the last subscriber has read it (``publish`` already returns only after the commit), the
 source's memory is shared memory (shmem pages; /dev/shm must have room, checked up front), and
-a subscriber that cannot map it (another pid namespace, say) nacks with DIRECT_UNAVAILABLE, after
-which that subscriber gets the ring. Catch-up versions for late joiners, versions with remote
+a subscriber that cannot map it (another pid namespace, say) nacks with DIRECT_UNAVAILABLE:
+the version is aborted and published again at once, through the ring for that subscriber
+from then on. Direct versions are planned in buckets of at least DIRECT_BUCKET_BYTES (a
+bucket holds no memory there; each costs round trips), which is also why they cannot fall
+back to the ring bucket by bucket. Catch-up versions for late joiners, versions with remote
 (relayed) or CUDA subscribers, CUDA sources and checkpoint sources always use the ring.
 """
 
@@ -73,6 +76,10 @@ log = logging.getLogger("hotweights")
 
 # The nack of a subscriber that cannot map a direct read's source (Note [Direct reads]).
 DIRECT_UNAVAILABLE = "direct read unavailable"
+# Direct versions are planned in buckets of at least this size (unless the Publisher was given
+# bucket_bytes): a bucket holds no memory there, and each costs a few coordinator round trips
+# per subscriber.
+DIRECT_BUCKET_BYTES = 256 << 20
 
 
 class PublishError(RuntimeError):
@@ -164,6 +171,7 @@ class _Transfer:
         self.progress: Callable[[int, int], None] | None = None
         self.done = threading.Event()
         self.direct: dict | None = None     # Note [Direct reads]: where the source lives
+        self.redo = False                   # a subscriber cannot read directly: publish again
 
 
 class Publisher:
@@ -205,6 +213,8 @@ class Publisher:
         self.device = (torch.device(source.device) if self._bucket_source
                        else _device_of(_tensors_of(source)))
         self.bucket_bytes = int(bucket_bytes or self.cfg.bucket_bytes)
+        # direct versions: at least DIRECT_BUCKET_BYTES, unless bucket_bytes was given
+        self._direct_bucket_bytes = int(bucket_bytes or max(self.bucket_bytes, DIRECT_BUCKET_BYTES))
         self.slots = int(slots or self.cfg.ipc_max_inflight)
         if self.bucket_bytes % 256:
             raise ValueError(f"Publisher: bucket_bytes={self.bucket_bytes}, expected a multiple of 256")
@@ -339,8 +349,12 @@ class Publisher:
         self._routes = self._route(subs)
         specs = [SubscriberSpec(c["client_id"], self._manifest(c["version"]),
                                 c["consumer"] or None) for c in subs]
-        plan = make_plan(manifest, specs, self.bucket_bytes)
-        layout = self._direct_layout(plan, tensors, subs) if direct else None
+        layout = None
+        if direct and tensors is not None and self._direct_possible(subs):
+            plan = make_plan(manifest, specs, self._direct_bucket_bytes)
+            layout = self._direct_layout(plan, tensors)
+        if layout is None:
+            plan = make_plan(manifest, specs, self.bucket_bytes)
         t_plan = time.perf_counter()
         version = self.client.publish(
             self.client_id, self.name, manifest.to_bytes(), label=label, parent=self.version,
@@ -390,21 +404,29 @@ class Publisher:
         self.metrics.version(version, info["state"], info.get("reason") or xfer.failed,
                              res.timings)
         if info["state"] != "committed":
+            if xfer.redo and direct:  # once more, through the ring for whoever could not map
+                log.warning("publisher %s: version %d aborted (%s); publishing again", self.name,
+                            version, xfer.failed)
+                return self._publish(label, max(0.1, t0 + timeout - time.perf_counter()),
+                                     progress, direct=direct)
             raise PublishError(f"version {version} of {self.name!r} was {info['state']}: "
                                f"{info.get('reason') or xfer.failed or 'no reason given'}")
         self.version = version
         return res
 
-    def _direct_layout(self, plan: Plan, tensors, subs: list[dict]) -> dict | None:
-        """Where each tensor of the plan lives in shared memory, when this version can go as
-        direct reads (Note [Direct reads]); None: through the ring."""
-        if not self.direct or tensors is None or not plan.num_buckets:
+    def _direct_possible(self, subs: list[dict]) -> bool:
+        """Every subscriber of the version can read the source directly: on this node, on
+        the CPU, and not known to fail at mapping it (Note [Direct reads])."""
+        return self.direct and all(
+            self._routes.get(c["client_id"], {}).get("leader") is None
+            and str(c.get("device", "cpu")).startswith("cpu") and c["client_id"] not in self._no_direct
+            for c in subs)
+
+    def _direct_layout(self, plan: Plan, tensors) -> dict | None:
+        """Where each tensor of the plan lives in shared memory; None: the version goes
+        through the ring."""
+        if not plan.num_buckets:
             return None
-        for c in subs:
-            r = self._routes.get(c["client_id"], {})
-            if r.get("leader") is not None or not str(c.get("device", "cpu")).startswith("cpu") \
-                    or c["client_id"] in self._no_direct:
-                return None
         used = np.unique(plan.piece_tensor)
         try:
             lay = share_host_tensors([tensors[plan.names[i]] for i in used.tolist()])
@@ -750,10 +772,13 @@ class Publisher:
         errors = rel.get("errors") or {}
         why = "; ".join(f"{k}: {v}" for k, v in errors.items()) or rel["reason"]
         unmappable = [c for c, e in errors.items() if str(e).startswith(DIRECT_UNAVAILABLE)]
-        if unmappable and xfer.direct is not None:  # the rest of this version and later ones
-            log.warning("publisher %s: %s; they get the ring", self.name, why)
+        if unmappable and xfer.direct is not None:
+            # direct buckets may be larger than a slot: this version is aborted and published
+            # again at once, through the ring for them (and for later versions)
             self._no_direct.update(unmappable)
-            xfer.direct = None
+            xfer.redo = True
+            xfer.failed = f"{why}; publishing again through the ring for them"
+            return
         if xfer.attempts.get(b, 0) >= 3:
             xfer.failed = f"bucket {b} failed 3 times ({why})"
             return
