@@ -283,6 +283,7 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
     if len(pending) > MAX_DIRECT_STORAGES:
         raise DirectUnavailable(f"{len(pending)} storages, direct reads map at most "
                                 f"{MAX_DIRECT_STORAGES}")
+    _check_fd_room(pending)
     _check_shm_room(pending)
     for s in pending:
         try:
@@ -301,6 +302,35 @@ def _pinned(t: torch.Tensor) -> bool:
         return bool(t.is_pinned())
     except RuntimeError:  # no accelerator runtime: nothing is pinned
         return False
+
+
+def _check_fd_room(storages) -> None:
+    """Each shared storage keeps a file descriptor open: refuse up front rather than run the
+    process out of descriptors halfway (sockets and files would fail next)."""
+    import os
+    import resource
+
+    new = sum(1 for s in storages if not s.is_shared())
+    if not new:
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    open_now = len(os.listdir("/proc/self/fd"))
+    need = open_now + new + 256
+    if need <= soft:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or need <= hard:  # the soft limit may rise to the hard one
+        try:
+            target = 2 * need if hard == resource.RLIM_INFINITY else min(2 * need, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return
+        except (ValueError, OSError):
+            pass
+    raise DirectUnavailable(f"{new} storages need a file descriptor each, {open_now} are "
+                            f"open and the limit is {soft} (hard {hard}; raise it with "
+                            "`ulimit -n`)")
 
 
 def _check_shm_room(storages) -> None:

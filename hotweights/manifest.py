@@ -14,6 +14,8 @@ older or newer schema, or a corrupt file, is a clear :class:`ManifestError`.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import json
 import os
@@ -196,10 +198,10 @@ class Manifest:
         return int(self.nbytes.sum())
 
     def with_version(self, version: int) -> "Manifest":
-        """A copy carrying the version id the coordinator assigned."""
-        m = Manifest(self.names, self.dtypes, self.shapes, self.nbytes, self.hashes,
-                     model=self.model, version=version, label=self.label, parent=self.parent,
-                     created=self.created)
+        """A copy carrying the version id the coordinator assigned (the columns are shared:
+        manifests are immutable; the content digest does not cover the version)."""
+        m = copy.copy(self)
+        m.version = version
         return m
 
     def __repr__(self) -> str:

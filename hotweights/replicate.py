@@ -495,7 +495,9 @@ class Publisher:
         names = list(tensors)
         sums = np.zeros(len(names), np.uint64)
         todo, keys = [], []
-        params = self._params  # state_dict() aliases share version counters with these
+        # state_dict() aliases share version counters with these; only needed (and built,
+        # ~3 us per parameter) when an optimizer step marked some dirty
+        params = self._params if self._dirty else {}
         for i, (n, t) in enumerate(tensors.items()):
             key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
             k = self._known.get(n)

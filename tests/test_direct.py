@@ -88,6 +88,19 @@ def test_share_keeps_aliases_and_maps_read_only():
 def test_share_refuses_what_it_cannot_move(monkeypatch):
     with pytest.raises(ipc.DirectUnavailable, match="not contiguous"):
         ipc.share_host_tensors([torch.zeros(4, 4).t()])
+    import resource
+
+    real = resource.getrlimit
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (300, 300) if what == resource.RLIMIT_NOFILE else real(what))
+    with pytest.raises(ipc.DirectUnavailable, match="ulimit -n"):
+        ipc.share_host_tensors([torch.zeros(2) for _ in range(200)])
+    # a soft limit below the need is raised towards the hard limit instead
+    raised = []
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (300, 20000) if what == resource.RLIMIT_NOFILE else real(what))
+    monkeypatch.setattr(resource, "setrlimit", lambda what, lim: raised.append(lim))
+    ipc.share_host_tensors([torch.zeros(2) for _ in range(200)])
+    assert raised and 456 <= raised[0][0] <= 20000 and raised[0][1] == 20000
+    monkeypatch.setattr(resource, "getrlimit", real)
     monkeypatch.setattr(ipc, "MAX_DIRECT_STORAGES", 2)
     with pytest.raises(ipc.DirectUnavailable, match="3 storages"):
         ipc.share_host_tensors([torch.zeros(2) for _ in range(3)])
