@@ -356,21 +356,38 @@ class Publisher:
         if layout is None:
             plan = make_plan(manifest, specs, self.bucket_bytes)
         t_plan = time.perf_counter()
-        version = self.client.publish(
-            self.client_id, self.name, manifest.to_bytes(), label=label, parent=self.version,
-            plan=plan.to_bytes(), expected=[s.id for s in specs], quorum=self.quorum,
-            meta={"bytes": plan.total_bytes, "buckets": plan.num_buckets,
-                  "ring_id": self.ring.id})["version"]
-        manifest = manifest.with_version(version)
-        plan.version = version
-        self._manifests[version] = manifest
-        xfer = _Transfer(version, plan)
+        xfer = _Transfer(None, plan)
         xfer.progress = progress
         xfer.direct = layout
+        # direct reads: the first buckets' handles travel with the version (one request less
+        # before anything moves); registered in flight first, so no release can miss them.
+        # Not with the after_gather test hook: it runs before its bucket is announced, which
+        # must then be after the version exists (tests stop publishers mid-version there).
+        early = (self._early_direct(xfer) if layout is not None and self.after_gather is None
+                 else [])
         with self._cv:
             self._transfer = xfer
         try:
-            self._stream(xfer, tensors, manifest, t0 + timeout)
+            version = self.client.publish(
+                self.client_id, self.name, manifest.to_bytes(), label=label,
+                parent=self.version, plan=plan.to_bytes(), expected=[s.id for s in specs],
+                quorum=self.quorum, handles=early,
+                meta={"bytes": plan.total_bytes, "buckets": plan.num_buckets,
+                      "ring_id": self.ring.id})["version"]
+        except BaseException:
+            with self._cv:
+                for h in early:
+                    self._inflight.pop(h["handle_id"], None)
+                self._transfer = None
+                self._report_inflight()
+                self._cv.notify_all()
+            raise
+        xfer.version = version
+        manifest = manifest.with_version(version)
+        plan.version = version
+        self._manifests[version] = manifest
+        try:
+            self._stream(xfer, tensors, manifest, t0 + timeout, skip=len(early))
             t_stream = time.perf_counter()
             if xfer.failed:
                 try:
@@ -541,10 +558,10 @@ class Publisher:
         return m
 
     def _stream(self, xfer: _Transfer, tensors: dict[str, torch.Tensor] | None,
-                manifest: Manifest, deadline: float) -> None:
+                manifest: Manifest, deadline: float, skip: int = 0) -> None:
         plan = xfer.plan
         src = None if tensors is None else [tensors[n] for n in plan.names]
-        queue = list(range(plan.num_buckets))
+        queue = list(range(skip, plan.num_buckets))  # the first `skip` went with the version
         while True:
             with self._cv:
                 while True:
@@ -596,7 +613,7 @@ class Publisher:
         toff = plan.piece_tensor_offset[rows]
         ln = plan.piece_length[rows]
         if slot is None:
-            self._post_direct(xfer, b, tidx, toff)
+            self._post_direct(xfer, b)
             return
         t_gather = time.perf_counter()
         if src is None:  # Note [Bucket sources]: read straight into the slot
@@ -670,10 +687,12 @@ class Publisher:
         xfer.posted += 1
         self.metrics.gathered(int(ln.sum()), gather_s)
 
-    def _post_direct(self, xfer: _Transfer, b: int, tidx: np.ndarray, toff: np.ndarray) -> None:
-        """Announces bucket b as a direct read: for each piece, which shared storage holds it
-        and where (Note [Direct reads]); nothing is copied here."""
-        d = xfer.direct
+    def _direct_handle(self, xfer: _Transfer, b: int) -> tuple[str, dict]:
+        """Bucket b as a direct read: for each piece, which shared storage holds it and where
+        (Note [Direct reads]); nothing is copied. Registered in flight; returns (id, payload)."""
+        d, plan = xfer.direct, xfer.plan
+        rows = plan.pieces(b)
+        tidx = plan.piece_tensor[rows]
         used, local = np.unique(d["sidx"][tidx], return_inverse=True)
         attempt = xfer.attempts.get(b, 0) + 1
         xfer.attempts[b] = attempt
@@ -682,12 +701,27 @@ class Publisher:
         payload = {"bucket": b, "attempt": attempt, "direct": {
             "pid": d["pid"], "st": [d["st"][k] for k in used.tolist()],
             "sidx": local.astype(np.int32).tobytes(),
-            "soff": (d["soff"][tidx] + toff).astype(np.int64).tobytes()}}
+            "soff": (d["soff"][tidx] + plan.piece_tensor_offset[rows]).astype(np.int64).tobytes()}}
         hid = uuid.uuid4().hex
         with self._cv:
-            self._inflight[hid] = (None, b, int(xfer.plan.bucket_used[b]), time.perf_counter(),
-                                   xfer, [])
+            self._inflight[hid] = (None, b, int(plan.bucket_used[b]), time.perf_counter(), xfer, [])
             self._report_inflight()
+        xfer.posted += 1
+        self.stats["direct_buckets"] += 1
+        return hid, payload
+
+    def _early_direct(self, xfer: _Transfer, limit: int = 16) -> list[dict]:
+        """The handles of a direct version's first buckets, to post with the version."""
+        out = []
+        for b in range(min(limit, xfer.plan.num_buckets)):
+            hid, payload = self._direct_handle(xfer, b)
+            out.append({"payload": payload, "consumers": list(xfer.plan.consumers(b)),
+                        "handle_id": hid})
+        return out
+
+    def _post_direct(self, xfer: _Transfer, b: int) -> None:
+        """Posts bucket b as a direct read (a later bucket, or a re-send)."""
+        hid, payload = self._direct_handle(xfer, b)
         try:
             self.client.post_handle(self.client_id, self.name, xfer.version, payload,
                                     consumers=list(xfer.plan.consumers(b)), handle_id=hid)
@@ -696,8 +730,6 @@ class Publisher:
                 self._inflight.pop(hid, None)
                 self._report_inflight()
             raise
-        xfer.posted += 1
-        self.stats["direct_buckets"] += 1
 
     def _report_inflight(self) -> None:
         """In-flight gauges (call with self._cv held)."""

@@ -147,6 +147,35 @@ def test_full_lifecycle(h):
     assert cl.register("subscriber", "llama", client_id="s3")["current_version"] == 1
 
 
+def test_publish_with_handles_is_atomic(h):
+    """Handles posted with their version (direct reads' first buckets): delivered like posted
+    ones, persisted like them; a bad handle leaves no version behind."""
+    c, cl, pub, subs = _setup(h)
+    early = [{"payload": {"bucket": b}, "consumers": subs, "handle_id": f"early{b}"}
+             for b in range(2)]
+    r = cl.publish(pub, "m", b"manifest", plan=b"plan", handles=early)
+    assert r == {"version": 1, "handles": ["early0", "early1"]}
+    for s in subs:
+        got = cl.get_handles(s, "m", 1, after=0, wait_ms=2000)["handles"]
+        assert [(x["handle_id"], x["payload"]) for x in got] == [
+            ("early0", {"bucket": 0}), ("early1", {"bucket": 1})]
+        for x in got:
+            cl.ack_handle(s, x["handle_id"])
+        cl.precommit(s, "m", 1)
+    assert cl.wait_version("m", 1, 5.0)["state"] == "committed"
+    rel = cl.released(pub, after=0, wait_ms=2000)["released"]
+    assert sorted(x["handle_id"] for x in rel) == ["early0", "early1"]
+    # all or nothing: an unknown consumer, a taken id, a malformed handle
+    for bad, err in (([{"payload": {}, "consumers": ["nobody"]}], "not registered"),
+                     ([{"payload": {}, "consumers": subs, "handle_id": "x1"},
+                       {"payload": {}, "consumers": subs, "handle_id": "x1"}], None),
+                     ([{"payload": 3}], "map")):
+        with pytest.raises(CoordinatorError) as e:
+            cl.publish(pub, "m", b"manifest", handles=bad)
+        assert err is None or err in str(e.value)
+        assert cl.version("m")["version"] == 1 and len(cl.get_handles(subs[0], "m", 1)["handles"]) == 0
+
+
 def test_state_survives_reload(h):
     """Every change reaches the backend: a fresh State loaded from it equals the live one."""
     c, cl, pub, (s1, s2) = _setup(h)

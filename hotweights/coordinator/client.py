@@ -368,13 +368,17 @@ class Client:
     def publish(self, client_id: str, model: str, manifest: bytes, label: str | None = None,
                 parent: int | None = None, plan: bytes | None = None,
                 expected: list[str] | None = None, quorum: Quorum | None = None,
-                meta: dict | None = None, idempotency_key: str | None = None) -> dict:
-        """Publishes the next version of ``model``; returns ``{"version": n}``."""
-        return self._as(client_id, "publish", {
-            "client_id": client_id, "model": model, "manifest": bytes(manifest),
-            "label": label, "parent": parent, "plan": None if plan is None else bytes(plan),
-            "expected": None if expected is None else list(expected), "quorum": quorum,
-            "meta": dict(meta or {}), "idempotency_key": idempotency_key or P.new_id()})
+                meta: dict | None = None, idempotency_key: str | None = None,
+                handles: list[dict] | None = None) -> dict:
+        """Publishes the next version of ``model``; returns ``{"version": n}``. ``handles``
+        (up to 256 maps of payload, consumers, handle_id) are posted with it, atomically."""
+        args = {"client_id": client_id, "model": model, "manifest": bytes(manifest),
+                "label": label, "parent": parent, "plan": None if plan is None else bytes(plan),
+                "expected": None if expected is None else list(expected), "quorum": quorum,
+                "meta": dict(meta or {}), "idempotency_key": idempotency_key or P.new_id()}
+        if handles:
+            args["handles"] = list(handles)
+        return self._as(client_id, "publish", args)
 
     def version(self, model: str, version: int | None = None) -> VersionInfo:
         """A version's state and votes (the latest when ``version`` is None)."""

@@ -365,6 +365,15 @@ def _opt(check: Callable):
     return f
 
 
+def _t_handle(x):
+    """A handle posted with its version (publish's ``handles``): payload, consumers, id."""
+    if not isinstance(x, dict) or set(x) - {"payload", "consumers", "handle_id"}:
+        raise ValueError("expected a map with payload, consumers and handle_id")
+    return {"payload": _t_dict(x.get("payload")),
+            "consumers": _opt(_list_of(_t_id))(x.get("consumers")),
+            "handle_id": _opt(_t_id)(x.get("handle_id"))}
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A method's arguments (name -> (checker, default or required)) and its access class."""
@@ -398,7 +407,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _m("publish", True, client_id=(_t_id, R), model=(_t_name, R), manifest=(_t_bytes, R),
        label=(_opt(_t_short), None), parent=(_opt(_t_version), None), plan=(_opt(_t_bytes), None),
        expected=(_opt(_list_of(_t_id)), None), quorum=(_opt(_t_quorum), None),
-       meta=(_t_dict, {}), idempotency_key=(_opt(_t_id), None)),
+       meta=(_t_dict, {}), idempotency_key=(_opt(_t_id), None),
+       handles=(_opt(_list_of(_t_handle, 256)), None)),
     _m("manifest", False, model=(_t_name, R), version=(_t_version, R)),
     _m("plan", False, model=(_t_name, R), version=(_t_version, R)),
     _m("progress", True, client_id=(_t_id, R), model=(_t_name, R), version=(_t_version, R),

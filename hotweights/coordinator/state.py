@@ -376,6 +376,19 @@ class State:
                     raise _err("bad_args", f"publish: expected subscriber {c!r} is {why}; "
                                            f"expected live subscribers of model {model!r}")
         quorum = a["quorum"] if a["quorum"] is not None else self.s.quorum
+        handles = a.get("handles") or ()
+        ids = [h["handle_id"] for h in handles if h["handle_id"] is not None]
+        if len(set(ids)) != len(ids):
+            raise _err("bad_args", "publish: two handles with the same handle_id")
+        for h in handles:  # checked before anything changes: all of it or nothing
+            unknown = [c for c in h["consumers"] or () if c not in self.clients]
+            if unknown:
+                raise _err("bad_args", f"publish: handle consumer {unknown[0]!r} is not registered")
+            if h["handle_id"] is not None and h["handle_id"] in self.handles:
+                raise _err("conflict", f"publish: handle {h['handle_id']!r} already exists")
+        if handles and len(self.handles) + len(handles) > self.s.max_handles:
+            raise _err("too_many_handles", f"{len(self.handles)} handles are live, {len(handles)} "
+                                           f"more would pass the limit {self.s.max_handles}")
         now = time.time()
         v = m["vseq"] + 1
         m["vseq"] = v
@@ -397,9 +410,14 @@ class State:
         self._event(model, "version", version=v, label=a["label"], parent=a["parent"],
                     publisher=a["client_id"], expected=expected)
         self.count("versions.published")
+        # handles posted with their version: one request less before the first bucket moves
+        hids = [self.post_handle({"client_id": a["client_id"], "model": model, "version": v,
+                                  "payload": h["payload"], "consumers": h["consumers"],
+                                  "ttl": None, "handle_id": h["handle_id"]})["handle_id"]
+                for h in handles]
         self._trim(model)
         self._evaluate(rec)
-        return {"version": v}
+        return {"version": v, "handles": hids} if hids else {"version": v}
 
     def _trim(self, model: str) -> None:
         """Bounds history: old version records and, sooner, their manifests and plans."""
