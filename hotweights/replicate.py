@@ -43,7 +43,8 @@ a subscriber that cannot map it (another pid namespace, say) nacks with DIRECT_U
 the version is aborted and published again at once, through the ring for that subscriber
 from then on. Direct versions are planned in buckets of at least DIRECT_BUCKET_BYTES (a
 bucket holds no memory there; each costs round trips), which is also why they cannot fall
-back to the ring bucket by bucket. Catch-up versions for late joiners, versions with remote
+back to the ring bucket by bucket; their first handles travel in the version's own publish
+request. Catch-up versions for late joiners, versions with remote
 (relayed) or CUDA subscribers, CUDA sources and checkpoint sources always use the ring.
 """
 
