@@ -338,7 +338,9 @@ def render(preds: Sequence[Prediction], table: Mapping[str, Any]) -> str:
     rows = [cols]
     for p in preds:
         s = p.stages
-        rows.append([f"{p.bucket_bytes / 2**20:g} MiB", f"{p.window} ({'fixed' if p.window_mode == 'fixed' else 'adaptive'})",
+        mode = ("fixed" if p.window_mode == "fixed" else "direct" if p.window_mode.startswith("direct")
+                else "adaptive")
+        rows.append([f"{p.bucket_bytes / 2**20:g} MiB", f"{p.window} ({mode})",
                      str(p.subscribers), _fmt_s(s["manifest"]), _fmt_s(s["plan"]), _fmt_s(s["stream"]),
                      _fmt_s(s["commit"]), _fmt_s(s["total"]), p.bottleneck,
                      f"{p.model_bytes / s['total'] / 1e9:.3g}"])
@@ -353,14 +355,10 @@ def render(preds: Sequence[Prediction], table: Mapping[str, Any]) -> str:
     src = table.get("sources", {})
     for key in sorted(k for k in table if k.endswith(("_Bps", "_s")) or k in ("cores",)):
         v = table[key]
-        if isinstance(v, dict):
-            shown = ", ".join(f"{a}: {x / 1e9:.3g} GB/s" for a, x in v.items())
-        elif key.endswith("_Bps"):
-            shown = f"{v / 1e9:.4g} GB/s"
-        elif key.endswith("_s"):
-            shown = f"{v * 1e3:.4g} ms"
-        else:
-            shown = str(v)
+        unit = ((lambda x: f"{x / 1e9:.4g} GB/s") if key.endswith("_Bps") else
+                (lambda x: f"{x * 1e3:.4g} ms") if key.endswith("_s") else str)
+        shown = (", ".join(f"{a}: {unit(x)}" for a, x in v.items()) if isinstance(v, dict)
+                 else unit(v))
         out.append(f"  {key:22s} {shown:28s} {src.get(key, '')}")
     for note in dict.fromkeys(n for p in preds for n in p.notes):
         out.append(f"note: {note}")
