@@ -396,6 +396,24 @@ class SourceMaps:
     def pids(self) -> set[int]:
         return {k[0] for k in self._maps}
 
+    def prune(self) -> int:
+        """Unmaps storages the publisher has freed (its fd is closed or now names another
+        file), so a trainer that replaces parameters does not pin their old memory here.
+        Returns how many went."""
+        import os
+
+        gone = []
+        for k in self._maps:
+            try:
+                alive = os.stat(f"/proc/{k[0]}/fd/{k[1]}").st_ino == k[2]
+            except OSError:
+                alive = False
+            if not alive:
+                gone.append(k)
+        for k in gone:
+            del self._maps[k]
+        return len(gone)
+
     def drop(self, pid: int | None = None) -> None:
         """Unmaps the storages of one publisher process (all with None); the memory goes when
         the last view of it is gone."""

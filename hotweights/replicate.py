@@ -1234,7 +1234,8 @@ class Subscriber:
                     self._rings.pop(cid).close()
                 if cid in self._source_pids:
                     self._sources.drop(self._source_pids.pop(cid))
-
+        if len(self._sources):
+            self._sources.prune()  # storages a live publisher replaced since
     def _read_direct(self, owner: str, plan: Plan, b: int, d: dict,
                      shadows: dict[str, torch.Tensor]):
         """Copies bucket b straight from the publisher's shared storages into the shadows,

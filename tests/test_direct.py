@@ -147,6 +147,12 @@ def test_direct_updates_follow_aliases_and_replaced_parameters(coord):
         h.wait(r.version, timeout=30)
         assert same(snap(dst), snap(src)) and src[0].weight.untyped_storage().is_shared()
         assert r.tensors == 1
+        # the replaced storage is freed by the publisher: the subscriber unmaps it
+        live = len({p.untyped_storage()._cdata for p in src.parameters()})
+        end = time.monotonic() + 10
+        while len(h._sub._sources) != live and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(h._sub._sources) == live
     finally:
         h.close()
         pub.close()
