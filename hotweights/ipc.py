@@ -20,7 +20,7 @@ from . import _C
 from .ops import HAS_CUDA_BUILD, require_cuda_build
 
 __all__ = ["SlotRing", "RingImport", "HandleError", "open_ring", "ring_info", "DirectUnavailable",
-           "share_host_tensors", "SourceMaps"]
+           "share_host_tensors", "SourceMaps", "CudaSourceExport", "CudaSourceMaps"]
 
 HANDLE_VERSION = 1
 _MAGIC = "hotweights.ring"
@@ -419,6 +419,100 @@ class SourceMaps:
         the last view of it is gone."""
         for k in [k for k in self._maps if pid is None or k[0] == pid]:
             del self._maps[k]
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
+# CUDA direct reads (Note [Direct reads], opt-in: direct="on" with a CUDA source). UNVERIFIED:
+# written without a GPU; scripts/gpu_check.sh runs its tests and benchmark.
+
+class CudaSourceExport:
+    """Publisher side: CUDA IPC descriptors of the source's storages through torch's own
+    mechanism (``UntypedStorage._share_cuda_``: the caching allocator block's IPC handle, the
+    storage's offset in it, a producer-side reference counter). Each storage is exported
+    once and cached: exporting again would add a reference that no importer releases."""
+
+    def __init__(self):
+        self._desc: dict[tuple[int, int], list] = {}
+
+    def layout(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
+        """Like share_host_tensors; ``tensors`` must be all the source uses (descriptors of
+        storages missing from it are forgotten)."""
+        import os
+
+        import numpy as np
+
+        storages: dict[tuple[int, int], int] = {}
+        st = []
+        sidx = np.empty(len(tensors), np.int32)
+        soff = np.empty(len(tensors), np.int64)
+        for i, t in enumerate(tensors):
+            if t.device.type != "cuda":
+                raise DirectUnavailable(f"tensor {i} is on {t.device}, expected a CUDA device")
+            if not t.is_contiguous():
+                raise DirectUnavailable(f"tensor {i} of shape {tuple(t.shape)} is not contiguous")
+            s = t.untyped_storage()
+            key = (s._cdata, s.data_ptr())
+            if key not in storages:
+                desc = self._desc.get(key)
+                if desc is None:
+                    try:
+                        desc = _cuda_descriptor(s._share_cuda_())
+                    except Exception as e:  # e.g. expandable segments (VMM) allocations
+                        raise DirectUnavailable(f"storage of tensor {i} cannot be exported over "
+                                                f"CUDA IPC: {type(e).__name__}: {e}") from None
+                    self._desc[key] = desc
+                storages[key] = len(st)
+                st.append(desc)
+            sidx[i] = storages[key]
+            soff[i] = t.data_ptr() - s.data_ptr()
+        for key in [k for k in self._desc if k not in storages]:
+            del self._desc[key]  # storages the source no longer uses
+        return {"kind": "cuda", "pid": os.getpid(), "st": st, "sidx": sidx, "soff": soff}
+
+
+def _cuda_descriptor(shared: tuple) -> list:
+    """torch's _share_cuda_ tuple as msgpack-able values (bytes stay bytes)."""
+    (device, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync) = shared
+    return [int(device), bytes(handle), int(size), int(offset), bytes(rc_handle),
+            int(rc_offset), bytes(ev_handle) if ev_handle is not None else b"", bool(ev_sync)]
+
+
+class CudaSourceMaps:
+    """Subscriber side: the publisher's CUDA storages opened once per (handle, offset) with
+    ``UntypedStorage._new_shared_cuda`` (torch caches the IPC mapping of each block)."""
+
+    def __init__(self):
+        self._maps: dict[tuple[bytes, int], torch.Tensor] = {}
+        self._by_pid: dict[int, set] = {}
+
+    def region(self, pid: int, desc: list) -> torch.Tensor:
+        device, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = desc
+        key = (bytes(handle), int(offset))
+        view = self._maps.get(key)
+        if view is None:
+            try:
+                torch.cuda._lazy_init()
+                s = torch.UntypedStorage._new_shared_cuda(
+                    int(device), bytes(handle), int(size), int(offset), bytes(rc_handle),
+                    int(rc_offset), bytes(ev_handle) or None, bool(ev_sync))
+            except Exception as e:
+                raise HandleError(f"cannot open the CUDA IPC handle of a {size}-byte storage "
+                                  f"of process {pid}: {type(e).__name__}: {e}") from None
+            view = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", int(device)))
+            view.set_(s, 0, (int(size),), (1,))
+            self._maps[key] = view
+            self._by_pid.setdefault(int(pid), set()).add(key)
+        return view
+
+    def prune(self) -> int:
+        return 0  # a CUDA importer cannot see the exporter free a block (its mapping pins it)
+
+    def drop(self, pid: int | None = None) -> None:
+        for p in [p for p in self._by_pid if pid is None or p == pid]:
+            for key in self._by_pid.pop(p):
+                self._maps.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._maps)

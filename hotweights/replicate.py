@@ -44,8 +44,11 @@ the version is aborted and published again at once, through the ring for that su
 from then on. Direct versions are planned in buckets of at least DIRECT_BUCKET_BYTES (a
 bucket holds no memory there; each costs round trips), which is also why they cannot fall
 back to the ring bucket by bucket; their first handles travel in the version's own publish
-request. Catch-up versions for late joiners, versions with remote
-(relayed) or CUDA subscribers, CUDA sources and checkpoint sources always use the ring.
+request. A CUDA source may opt in (direct="on"): each storage is exported once over CUDA IPC
+(ipc.CudaSourceExport) and subscribers on the publisher's GPU read it with the copy+hash
+kernel; it was written without a GPU, so "auto" leaves CUDA sources on the ring. Catch-up
+versions for late joiners, versions with remote (relayed) subscribers or subscribers on
+another device than the source, and checkpoint sources always use the ring.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ from . import config as _config
 from . import metrics as _metrics
 from .coordinator import Client, CoordinatorError
 from .dist import launch_info
-from .ipc import DirectUnavailable, HandleError, SlotRing, SourceMaps, open_ring, share_host_tensors
+from .ipc import (CudaSourceExport, CudaSourceMaps, DirectUnavailable, HandleError, SlotRing,
+                  SourceMaps, open_ring, share_host_tensors)
 from .transport import Transport, TransportError, create_transport, select_transport
 from .manifest import Manifest, ManifestError, dtype_name
 from .plan import Plan, SubscriberSpec, make_plan
@@ -230,6 +234,7 @@ class Publisher:
         self._transport: Transport | None = transport if isinstance(transport, Transport) else None
         self._tags = 0
         self.ring = SlotRing(self.bucket_bytes, self.slots, self.device, name=f"pub-{name}")
+        self._cuda_export = CudaSourceExport() if self.device.type == "cuda" else None
         self.direct = self._direct_setup(direct or self.cfg.direct_read)
         self._no_direct: set[str] = set()   # subscribers that could not map the source
         self.window = _C.WindowController(
@@ -282,11 +287,17 @@ class Publisher:
         why = None
         if self._bucket_source:
             why = "a checkpoint source is read bucket by bucket"
-        elif self.device.type != "cpu":
-            why = f"the source is on {self.device} (direct reads are for CPU sources)"
+        elif self.device.type == "cuda" and mode == "auto":
+            why = ("CUDA direct reads are opt-in (direct='on') until they are verified on a GPU")
+        elif self.device.type not in ("cpu", "cuda"):
+            why = f"the source is on {self.device}"
         else:
             try:
-                share_host_tensors(list(_tensors_of(self._source).values()))
+                tensors = list(_tensors_of(self._source).values())
+                if self.device.type == "cuda":
+                    self._cuda_export.layout(tensors)
+                else:
+                    share_host_tensors(tensors)
             except DirectUnavailable as e:
                 why = str(e)
         if why is None:
@@ -434,10 +445,14 @@ class Publisher:
 
     def _direct_possible(self, subs: list[dict]) -> bool:
         """Every subscriber of the version can read the source directly: on this node, on
-        the CPU, and not known to fail at mapping it (Note [Direct reads])."""
+        the CPU (CUDA source: on the publisher's GPU), and not known to fail at mapping it
+        (Note [Direct reads])."""
+        def same_kind(dev: str) -> bool:
+            return dev == str(self.device) if self.device.type == "cuda" else dev.startswith("cpu")
+
         return self.direct and all(
             self._routes.get(c["client_id"], {}).get("leader") is None
-            and str(c.get("device", "cpu")).startswith("cpu") and c["client_id"] not in self._no_direct
+            and same_kind(str(c.get("device", "cpu"))) and c["client_id"] not in self._no_direct
             for c in subs)
 
     def _direct_layout(self, plan: Plan, tensors) -> dict | None:
@@ -445,6 +460,17 @@ class Publisher:
         through the ring."""
         if not plan.num_buckets:
             return None
+        if self.device.type == "cuda":
+            names = list(tensors)
+            try:  # every tensor: the export cache follows the whole source
+                lay = self._cuda_export.layout([tensors[n] for n in names])
+            except DirectUnavailable as e:
+                log.info("publisher %s: version through the ring: %s", self.name, e)
+                return None
+            pos = {n: i for i, n in enumerate(names)}
+            rows = np.fromiter((pos[n] for n in plan.names), np.int64, len(plan.names))
+            torch.cuda.synchronize(self.device)  # every write to the source precedes the reads
+            return {**lay, "sidx": lay["sidx"][rows], "soff": lay["soff"][rows]}
         used = np.unique(plan.piece_tensor)
         try:
             lay = share_host_tensors([tensors[plan.names[i]] for i in used.tolist()])
@@ -700,7 +726,7 @@ class Publisher:
         if self.after_gather is not None:
             self.after_gather(b, None, attempt)
         payload = {"bucket": b, "attempt": attempt, "direct": {
-            "pid": d["pid"], "st": [d["st"][k] for k in used.tolist()],
+            "kind": d.get("kind", "cpu"), "pid": d["pid"], "st": [d["st"][k] for k in used.tolist()],
             "sidx": local.astype(np.int32).tobytes(),
             "soff": (d["soff"][tidx] + plan.piece_tensor_offset[rows]).astype(np.int64).tobytes()}}
         hid = uuid.uuid4().hex
@@ -976,6 +1002,7 @@ class Subscriber:
         self.metrics = _metrics.SubscriberMetrics(name)
         self._rings: dict[str, Any] = {}          # owner client id -> ring import
         self._sources = SourceMaps()              # publishers' storages (Note [Direct reads])
+        self._cuda_sources = CudaSourceMaps()     # the same for a CUDA publisher (opt-in)
         self._source_pids: dict[str, int] = {}    # owner client id -> its pid
         self._transport: Transport | None = None  # created when this subscriber first relays
         self._relay: _Relay | None = None
@@ -1233,7 +1260,9 @@ class Subscriber:
                 if cid in self._rings:
                     self._rings.pop(cid).close()
                 if cid in self._source_pids:
-                    self._sources.drop(self._source_pids.pop(cid))
+                    pid = self._source_pids.pop(cid)
+                    self._sources.drop(pid)
+                    self._cuda_sources.drop(pid)
         if len(self._sources):
             self._sources.prune()  # storages a live publisher replaced since
     def _read_direct(self, owner: str, plan: Plan, b: int, d: dict,
@@ -1245,26 +1274,40 @@ class Subscriber:
         tidx = plan.piece_tensor[rows]
         ln = plan.piece_length[rows]
         toff = plan.piece_tensor_offset[rows]
+        cuda = d.get("kind") == "cuda"
         try:
             pid = int(d["pid"])
-            regions = [self._sources.region(pid, *map(int, st)) for st in d["st"]]
+            if cuda:
+                regions = [self._cuda_sources.region(pid, st) for st in d["st"]]
+            else:
+                regions = [self._sources.region(pid, *map(int, st)) for st in d["st"]]
             self._source_pids[owner] = pid
         except (HandleError, OSError, ValueError, TypeError, KeyError) as e:
             return False, f"{DIRECT_UNAVAILABLE}: {e}", None
         t_read = time.perf_counter()
+
+        def read():
+            return ops.scatter_regions(regions, np.frombuffer(d["sidx"], np.int32),
+                                       np.frombuffer(d["soff"], np.int64),
+                                       [shadows[plan.names[i]] for i in tidx.tolist()],
+                                       lengths=ln, tensor_offsets=toff, hash=True).partials()
+
         try:
-            h = ops.scatter_regions(regions, np.frombuffer(d["sidx"], np.int32),
-                                    np.frombuffer(d["soff"], np.int64),
-                                    [shadows[plan.names[i]] for i in tidx.tolist()],
-                                    lengths=ln, tensor_offsets=toff, hash=True)
-            partials = h.partials()
+            if self._stream is not None:  # CUDA: on the receive stream, like a ring scatter
+                with torch.cuda.stream(self._stream):
+                    if self._reuse_event is not None:
+                        self._stream.wait_event(self._reuse_event)
+                    partials = read()
+            else:
+                partials = read()
         except Exception as e:
             return False, f"direct read of bucket {b} failed: {type(e).__name__}: {e}", None
         t_verify = time.perf_counter()
         whole = np.flatnonzero((toff == 0) & (ln == plan.nbytes[tidx]))
         bad = [k for k in whole.tolist() if ops.tensor_digest([partials[k]], int(ln[k]))
                != int(plan.checksums[tidx[k]])]
-        self.metrics.bucket(_metrics.path_label(torch.device("cpu"), self.device), int(ln.sum()),
+        self.metrics.bucket(_metrics.path_label(regions[0].device if regions else self.device,
+                                                self.device), int(ln.sum()),
                             t_verify - t_read, time.perf_counter() - t_verify, not bad)
         if bad:
             return False, (f"tensor {plan.names[tidx[bad[0]]]!r} read from the publisher does not "
@@ -1365,6 +1408,7 @@ class Subscriber:
             ring.close()
         self._rings.clear()
         self._sources.drop()
+        self._cuda_sources.drop()
         self._source_pids.clear()
         if self._transport is not None:
             self._transport.close()

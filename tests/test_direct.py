@@ -268,3 +268,36 @@ def test_spawned_subscribers_read_directly(coord):
             assert pub.stats["direct_buckets"] == 2 * r.buckets
     finally:
         pub.close()
+
+
+@pytest.mark.cuda
+def test_cuda_direct_reads_same_gpu(coord):
+    """CUDA direct reads (opt-in: direct="on"): a subscriber process on the publisher's GPU
+    opens its storages over CUDA IPC once and reads two versions from them."""
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    src = make_model(21, width=96, device="cuda")
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, direct="on")
+    try:
+        with children(subscriber, coord, [{"device": "cuda", "versions": 2, "width": 96}], q, stop):
+            get_message(q, "ready", 120)
+            r1 = pub.publish("v1")
+            msg = get_message(q, "applied", 120)
+            assert msg[2] == r1.version and same(unpack(msg[3]), {k: v.cpu() for k, v in snap(src).items()})
+            assert pub.stats["direct_buckets"] == r1.buckets
+            with torch.no_grad():
+                src[2].weight.mul_(-2.0)
+            r2 = pub.publish("v2")
+            msg = get_message(q, "applied", 120)
+            assert msg[2] == r2.version and r2.tensors == 1
+            assert same(unpack(msg[3]), {k: v.cpu() for k, v in snap(src).items()})
+    finally:
+        pub.close()
+
+
+@pytest.mark.cuda
+def test_cuda_direct_is_opt_in(coord):
+    """Until CUDA direct reads are verified on a GPU, "auto" does not pick them."""
+    src = make_model(1, device="cuda")
+    with hotweights.Publisher(src, name="m", endpoint=coord) as pub:
+        assert not pub.direct
