@@ -259,8 +259,9 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
     """Moves the storages of CPU tensors into POSIX shared memory *in place* (torch's own
     ``share_memory_`` mechanism: every tensor, view or alias of a storage, in or outside
     ``tensors``, keeps pointing at it) and describes where each tensor lives:
-    ``{"pid", "st": [[fd, inode, nbytes], ...], "sidx": int32[n], "soff": int64[n]}``.
-    Storages already in shared memory are not copied again. Raises DirectUnavailable."""
+    ``{"pid", "st": [[fd, inode, nbytes], ...], "sidx": int32[n], "soff": int64[n],
+    "moved": bytes copied now}``. Storages already in shared memory are not copied again.
+    Raises DirectUnavailable."""
     import os
 
     import numpy as np
@@ -285,6 +286,7 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
                                 f"{MAX_DIRECT_STORAGES}")
     _check_fd_room(pending)
     _check_shm_room(pending)
+    moved = sum(s.nbytes() for s in pending if not s.is_shared())
     for s in pending:
         try:
             fd, nbytes = s._share_fd_cpu_()  # in place; a no-op when already shared
@@ -294,7 +296,7 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
         st.append([int(fd), int(os.fstat(fd).st_ino), int(nbytes)])
     for i, t in enumerate(tensors):  # offsets after the move: the storage's address changed
         soff[i] = t.data_ptr() - pending[sidx[i]].data_ptr()
-    return {"pid": os.getpid(), "st": st, "sidx": sidx, "soff": soff}
+    return {"pid": os.getpid(), "st": st, "sidx": sidx, "soff": soff, "moved": moved}
 
 
 def _pinned(t: torch.Tensor) -> bool:

@@ -235,8 +235,10 @@ class Publisher:
         self._tags = 0
         self.ring = SlotRing(self.bucket_bytes, self.slots, self.device, name=f"pub-{name}")
         self._cuda_export = CudaSourceExport() if self.device.type == "cuda" else None
-        self.direct = self._direct_setup(direct or self.cfg.direct_read)
+        self._direct_mode = direct or self.cfg.direct_read
+        self.direct = self._direct_setup(self._direct_mode)
         self._no_direct: set[str] = set()   # subscribers that could not map the source
+        self._churned = False               # the last direct version had to move its source
         self.window = _C.WindowController(
             base=min(self.cfg.ipc_inflight_buckets, self.slots),
             byte_cap=self.cfg.ipc_inflight_bytes, adapt=self.cfg.ipc_adapt,
@@ -477,6 +479,15 @@ class Publisher:
         except DirectUnavailable as e:
             log.info("publisher %s: version through the ring: %s", self.name, e)
             return None
+        # A source that hands out fresh tensors at every publish (a callable building them)
+        # makes every direct version move its bytes into shared memory first: no better than
+        # the ring's gather, plus mappings to churn. Two such versions in a row: the ring.
+        churn = lay["moved"] > plan.total_bytes // 2
+        if churn and self._churned and self._direct_mode == "auto":
+            self.direct = False
+            log.info("publisher %s: the source's storages are new at every publish; "
+                     "subscribers read through the ring from now on", self.name)
+        self._churned = churn
         sidx = np.full(len(plan.names), -1, np.int32)
         soff = np.zeros(len(plan.names), np.int64)
         sidx[used], soff[used] = lay["sidx"], lay["soff"]

@@ -270,6 +270,30 @@ def test_spawned_subscribers_read_directly(coord):
         pub.close()
 
 
+def test_a_source_of_fresh_tensors_goes_back_to_the_ring(coord):
+    """A callable that builds new tensors at every publish would make each direct version
+    copy its source into shared memory first: after two such versions, the ring."""
+    base, dst = make_model(8), make_model(9)
+    pub = hotweights.Publisher(lambda: {k: v.clone() for k, v in base.state_dict().items()},
+                               name="m", endpoint=coord, bucket_bytes=4096)
+    h = dst.register_hotweights(name="m", endpoint=coord, commit="manual")
+    try:
+        assert pub.direct
+        counts = []
+        for k in range(4):
+            with torch.no_grad():
+                for p in base.parameters():
+                    p.add_(1.0)
+            r = pub.publish(f"v{k}")
+            h.wait(r.version, timeout=30)
+            assert same(snap(dst), snap(base))
+            counts.append(pub.stats["direct_buckets"])
+        assert not pub.direct and counts[1] > counts[0] > 0 and counts[1] == counts[2] == counts[3]
+    finally:
+        h.close()
+        pub.close()
+
+
 @pytest.mark.cuda
 def test_cuda_direct_reads_same_gpu(coord):
     """CUDA direct reads (opt-in: direct="on"): a subscriber process on the publisher's GPU
