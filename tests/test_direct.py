@@ -69,7 +69,8 @@ def test_share_keeps_aliases_and_maps_read_only():
     assert all(torch.equal(a, b) for a, b in zip(dst, ts))
     assert [ops.tensor_digest([p], n) for p, n in zip(h.partials(), ln)] == [ops.checksum(t) for t in ts]
     # read-only: a subscriber can never write the trainer's weights (a write faults)
-    code = ("import torch; from hotweights import ipc; t = torch.zeros(1000); "
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); "  # no core file
+            "import torch; from hotweights import ipc; t = torch.zeros(1000); "
             "lay = ipc.share_host_tensors([t]); "
             "r = ipc.SourceMaps().region(lay['pid'], *lay['st'][0]); "
             "assert r[0].item() == 0; r.fill_(1)")
