@@ -1080,7 +1080,8 @@ class Subscriber:
             info = self.client.version(self.name, version)
         if self.client_id not in info.get("expected", []) or info["state"] != "transferring":
             return  # not ours (we joined later: a catch-up serves us), or already decided
-        plan = Plan.from_bytes(self.client.plan(self.name, version))
+        raw = event.get("plan") if event is not None else None  # small plans ride along
+        plan = Plan.from_bytes(raw if isinstance(raw, bytes) else self.client.plan(self.name, version))
         mine = plan.tensors_for(self.client_id)
         problems = self._check_model(plan, mine)
         if problems:

@@ -176,6 +176,19 @@ def test_publish_with_handles_is_atomic(h):
         assert cl.version("m")["version"] == 1 and len(cl.get_handles(subs[0], "m", 1)["handles"]) == 0
 
 
+def test_small_plans_ride_in_the_version_event(hm):
+    from hotweights.coordinator.state import INLINE_PLAN_BYTES
+
+    c, cl, pub, subs = _setup(hm)
+    small, big = b"p" * 100, b"q" * (INLINE_PLAN_BYTES + 1)
+    cl.publish(pub, "m", b"manifest", plan=small)
+    cl.publish(pub, "m", b"manifest", plan=big)
+    cl.publish(pub, "m", b"manifest")
+    ev = [e for e in cl.events("m", after=0)["events"] if e["type"] == "version"]
+    assert [e.get("plan") for e in ev] == [small, None, None]
+    assert cl.plan("m", 2) == big  # what does not ride along is fetched as before
+
+
 def test_state_survives_reload(h):
     """Every change reaches the backend: a fresh State loaded from it equals the live one."""
     c, cl, pub, (s1, s2) = _setup(h)

@@ -46,6 +46,10 @@ __all__ = ["State", "StateSettings"]
 MAX_BATCH_ITEMS = 1024  # events / handles / released entries per long-poll reply
 
 
+# Plans up to this size travel inside the "version" event as well (Note [One update]).
+INLINE_PLAN_BYTES = 16 << 10
+
+
 @dataclasses.dataclass
 class StateSettings:
     """Tunables of the state machine (from hotweights.config plus server arguments)."""
@@ -407,8 +411,11 @@ class State:
         self.batch.put_blob(f"manifest:{v}:{model}", a["manifest"])
         if a["plan"] is not None:
             self.batch.put_blob(f"plan:{v}:{model}", a["plan"])
+        # a small plan (a delta's) rides in the event: subscribers skip one request for it
+        inline = ({"plan": a["plan"]} if a["plan"] is not None
+                  and len(a["plan"]) <= INLINE_PLAN_BYTES else {})
         self._event(model, "version", version=v, label=a["label"], parent=a["parent"],
-                    publisher=a["client_id"], expected=expected)
+                    publisher=a["client_id"], expected=expected, **inline)
         self.count("versions.published")
         # handles posted with their version: one request less before the first bucket moves
         hids = [self.post_handle({"client_id": a["client_id"], "model": model, "version": v,
