@@ -10,10 +10,15 @@ truncated, foreign or stale handle is a clear error. See Note [Shared-memory lif
 
 from __future__ import annotations
 
+import mmap
+import os
+import resource
 import threading
+import warnings
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from . import _C
@@ -262,10 +267,6 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
     ``{"pid", "st": [[fd, inode, nbytes], ...], "sidx": int32[n], "soff": int64[n],
     "moved": bytes copied now}``. Storages already in shared memory are not copied again.
     Raises DirectUnavailable."""
-    import os
-
-    import numpy as np
-
     storages: dict[int, int] = {}  # StorageImpl address -> index in st
     st, sidx, soff = [], np.empty(len(tensors), np.int32), np.empty(len(tensors), np.int64)
     pending = []
@@ -284,9 +285,10 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
     if len(pending) > MAX_DIRECT_STORAGES:
         raise DirectUnavailable(f"{len(pending)} storages, direct reads map at most "
                                 f"{MAX_DIRECT_STORAGES}")
-    _check_fd_room(pending)
-    _check_shm_room(pending)
-    moved = sum(s.nbytes() for s in pending if not s.is_shared())
+    unshared = [s for s in pending if not s.is_shared()]
+    moved = sum(s.nbytes() for s in unshared)
+    _check_fd_room(len(unshared))
+    _check_shm_room(moved)
     for s in pending:
         try:
             fd, nbytes = s._share_fd_cpu_()  # in place; a no-op when already shared
@@ -306,23 +308,18 @@ def _pinned(t: torch.Tensor) -> bool:
         return False
 
 
-def _check_fd_room(storages) -> None:
+def _check_fd_room(new: int) -> None:
     """Each shared storage keeps a file descriptor open: refuse up front rather than run the
     process out of descriptors halfway (sockets and files would fail next)."""
-    import os
-    import resource
-
-    new = sum(1 for s in storages if not s.is_shared())
     if not new:
         return
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return
     open_now = len(os.listdir("/proc/self/fd"))
     need = open_now + new + 256
     if need <= soft:
         return
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or need <= hard:  # the soft limit may rise to the hard one
         try:
             target = 2 * need if hard == resource.RLIM_INFINITY else min(2 * need, hard)
@@ -335,15 +332,9 @@ def _check_fd_room(storages) -> None:
                             "`ulimit -n`)")
 
 
-def _check_shm_room(storages) -> None:
-    """Refuses up front when /dev/shm cannot hold the storages that still have to move (a
-    full tmpfs would otherwise surface as SIGBUS on first touch, e.g. Docker's 64 MiB)."""
-    import os
-
-    need = 0
-    for s in storages:
-        if not s.is_shared():
-            need += s.nbytes()
+def _check_shm_room(need: int) -> None:
+    """Refuses up front when /dev/shm cannot hold the bytes that still have to move (a full
+    tmpfs would otherwise surface as SIGBUS on first touch, e.g. Docker's 64 MiB)."""
     if not need:
         return
     try:
@@ -365,10 +356,6 @@ class SourceMaps:
         self._maps: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def region(self, pid: int, fd: int, ino: int, nbytes: int) -> torch.Tensor:
-        import mmap
-        import os
-        import warnings
-
         key = (int(pid), int(fd), int(ino))
         view = self._maps.get(key)
         if view is not None and view.numel() >= nbytes:
@@ -395,15 +382,10 @@ class SourceMaps:
         self._maps[key] = view
         return view
 
-    def pids(self) -> set[int]:
-        return {k[0] for k in self._maps}
-
     def prune(self) -> int:
         """Unmaps storages the publisher has freed (its fd is closed or now names another
         file), so a trainer that replaces parameters does not pin their old memory here.
         Returns how many went."""
-        import os
-
         gone = []
         for k in self._maps:
             try:
@@ -441,10 +423,6 @@ class CudaSourceExport:
     def layout(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
         """Like share_host_tensors; ``tensors`` must be all the source uses (descriptors of
         storages missing from it are forgotten)."""
-        import os
-
-        import numpy as np
-
         storages: dict[tuple[int, int], int] = {}
         st = []
         sidx = np.empty(len(tensors), np.int32)
@@ -507,9 +485,6 @@ class CudaSourceMaps:
             self._maps[key] = view
             self._by_pid.setdefault(int(pid), set()).add(key)
         return view
-
-    def prune(self) -> int:
-        return 0  # a CUDA importer cannot see the exporter free a block (its mapping pins it)
 
     def drop(self, pid: int | None = None) -> None:
         for p in [p for p in self._by_pid if pid is None or p == pid]:

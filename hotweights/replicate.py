@@ -645,14 +645,14 @@ class Publisher:
 
     def _send_bucket(self, xfer: _Transfer, b: int, slot: int | None,
                      src: list[torch.Tensor] | None, manifest: Manifest) -> None:
+        if slot is None:
+            self._post_direct(xfer, b)
+            return
         plan = xfer.plan
         rows = plan.pieces(b)
         tidx = plan.piece_tensor[rows]
         toff = plan.piece_tensor_offset[rows]
         ln = plan.piece_length[rows]
-        if slot is None:
-            self._post_direct(xfer, b)
-            return
         t_gather = time.perf_counter()
         if src is None:  # Note [Bucket sources]: read straight into the slot
             partials = self._source.fill(self.ring.slot(slot),
@@ -1305,13 +1305,7 @@ class Subscriber:
                                        lengths=ln, tensor_offsets=toff, hash=True).partials()
 
         try:
-            if self._stream is not None:  # CUDA: on the receive stream, like a ring scatter
-                with torch.cuda.stream(self._stream):
-                    if self._reuse_event is not None:
-                        self._stream.wait_event(self._reuse_event)
-                    partials = read()
-            else:
-                partials = read()
+            partials = self._on_receive_stream(read)
         except Exception as e:
             return False, f"direct read of bucket {b} failed: {type(e).__name__}: {e}", None
         t_verify = time.perf_counter()
@@ -1359,6 +1353,16 @@ class Subscriber:
             out[name] = t
         return out
 
+    def _on_receive_stream(self, fn):
+        """Runs fn (a copy into the shadows) on the CUDA receive stream, after the last use of
+        recycled shadows; on the CPU, just runs it."""
+        if self._stream is None:
+            return fn()
+        with torch.cuda.stream(self._stream):
+            if self._reuse_event is not None:
+                self._stream.wait_event(self._reuse_event)
+            return fn()
+
     def _scatter(self, ring, plan: Plan, b: int, slot: int, digest: int,
                  shadows: dict[str, torch.Tensor]):
         rows = plan.pieces(b)
@@ -1366,18 +1370,13 @@ class Subscriber:
         dst = [shadows[plan.names[i]] for i in tidx.tolist()]
         ln = plan.piece_length[rows]
         t_scatter = time.perf_counter()
+        def read():
+            ring.wait(slot)
+            return ops.scatter(ring.slot(slot), dst, plan.piece_slot_offset[rows], lengths=ln,
+                               tensor_offsets=plan.piece_tensor_offset[rows], hash=True).partials()
+
         try:
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    if self._reuse_event is not None:
-                        self._stream.wait_event(self._reuse_event)
-                    ring.wait(slot)
-                    h = ops.scatter(ring.slot(slot), dst, plan.piece_slot_offset[rows], lengths=ln,
-                                    tensor_offsets=plan.piece_tensor_offset[rows], hash=True)
-            else:
-                h = ops.scatter(ring.slot(slot), dst, plan.piece_slot_offset[rows], lengths=ln,
-                                tensor_offsets=plan.piece_tensor_offset[rows], hash=True)
-            partials = h.partials()
+            partials = self._on_receive_stream(read)
         except Exception as e:
             return False, f"scatter of bucket {b} failed: {type(e).__name__}: {e}", None
         t_verify = time.perf_counter()
