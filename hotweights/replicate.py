@@ -14,13 +14,21 @@ Note [One update]
 3. Each subscriber imports the ring once, and for every handle waits on the slot's event,
    scatters its pieces into shadow buffers while hashing them, compares the bucket digest and
    acks (or nacks: the publisher re-sends). When every bucket is in, every tensor's checksum is
-   checked against the plan (end to end: against the manifest hash), then it precommits.
+   checked against the plan (end to end: against the manifest hash), then it precommits: in
+   the same request as the last bucket's ack (``ack_handle(precommit=True)``).
 4. The coordinator commits when its quorum has precommitted. Each subscriber applies the
    version at a safe point (see Note [Atomic apply] in module.py): storage swap or in-place
    copy, all changed tensors or none. Abort leaves the old version live and frees the staging.
 5. The publisher's releaser thread learns of acks (and lease expiries) by long-polling the
    coordinator; a released slot is reused, and the bucket's service time (post to last ack)
    feeds the window controller.
+Round trips are the cost of a small update (a delta of 1% moves ~10 MB: a millisecond of
+copying, several of coordination on a busy host), so each one on the critical path is earned:
+the version event carries a small plan and the handles posted with the version (a direct
+version's first buckets), so a subscriber starts reading without a request; the precommit
+rides on the last ack; the release of the last handle says the version committed, so the
+publisher does not ask; a subscriber asks after other publishers' liveness, not the one that
+just published. A delta of two tensors is then: publish, one ack per subscriber, one release.
 
 Note [Direct reads]
 On the CPU the ring costs a copy that a subscriber on the same node does not need: it can map
@@ -177,6 +185,7 @@ class _Transfer:
         self.done = threading.Event()
         self.direct: dict | None = None     # Note [Direct reads]: where the source lives
         self.redo = False                   # a subscriber cannot read directly: publish again
+        self.committed = False              # a release said so: no version() request needed
 
 
 class Publisher:
@@ -410,7 +419,9 @@ class Publisher:
                     log.info("publisher %s: abort of version %d not needed: %s", self.name, version, e)
             left = max(0.1, t0 + timeout - time.perf_counter())
             try:
-                info = self.client.wait_version(self.name, version, left)
+                info = ({"state": "committed", "reason": None}
+                        if xfer.committed and not xfer.failed
+                        else self.client.wait_version(self.name, version, left))
             except TimeoutError:
                 self.client.abort(self.client_id, self.name, version, f"timeout after {timeout} s")
                 info = self.client.version(self.name, version)
@@ -810,6 +821,8 @@ class Publisher:
                                            f"{self._routes[lost[0]]['node']!r} did not take bucket "
                                            f"{b} ({rel['reason']}); aborting")
                             continue
+                        if rel.get("version_state") == "committed" and xfer.version == rel["version"]:
+                            xfer.committed = True  # the last ack carried the last precommit
                         if rel["reason"] == "acked":
                             self.window.on_complete(time.monotonic(), max(now - t_post, 1e-6), max(nbytes, 1))
                             self.metrics.completed(max(now - t_post, 1e-6))
@@ -1054,7 +1067,13 @@ class Subscriber:
                         continue
                     # the newest version's event is fresh enough to stand in for a version()
                     # request (one round trip less on the critical path); older ones are not
-                    self._receive(v, news[v] if v == versions[-1] else None)
+                    try:
+                        self._receive(v, news[v] if v == versions[-1] else None)
+                    except Exception as e:  # this version only: refused, nothing applied
+                        if self._closed:
+                            return
+                        log.exception("subscriber %s: receiving version %d failed", self.name, v)
+                        self._fail(v, f"receiving failed: {type(e).__name__}: {e}")
         finally:
             self.client.release_thread()
 
@@ -1075,6 +1094,7 @@ class Subscriber:
         t0 = time.perf_counter()
         if event is not None and "expected" in event:
             info = {"label": event.get("label"), "expected": event["expected"],
+                    "publisher": event.get("publisher"),
                     "state": "transferring"}  # if decided meanwhile, the receive loop sees it
         else:
             info = self.client.version(self.name, version)
@@ -1089,7 +1109,8 @@ class Subscriber:
             return
         buckets = plan.buckets_for(self.client_id)
         shadows = self._shadows(plan, mine)
-        staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, t0)
+        staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, t0,
+                                       (event or {}).get("handles") or ())
         if staged is None:
             # aborted, refused or failed: the staging goes, nothing was applied
             shadows.clear()
@@ -1100,25 +1121,42 @@ class Subscriber:
         self.stats["bytes"] += staged.bytes
         if self.on_staged:
             self.on_staged(staged)
-        self._drop_dead_rings()  # off the critical path: one request per known publisher
+        # its publisher is alive (it just had a version committed): only other ones are asked
+        self._drop_dead_rings(alive=info.get("publisher"))
 
-    def _receive_buckets(self, version, info, plan, mine, buckets, shadows, t0):
+    def _receive_buckets(self, version, info, plan, mine, buckets, shadows, t0, first=()):
+        """Takes every bucket of the version (``first``: handles that came with its event),
+        verifies end to end and precommits; waits for the decision. Returns the staged version,
+        or None when it was refused, aborted or failed."""
         acc = np.zeros(len(plan.names), np.uint64)
         todo = set(buckets)
         after, nbytes, t_first = 0, 0, None
         deadline = t0 + self.cfg.version_timeout_s
-        while todo and not self._closed:
-            if time.perf_counter() > deadline:
-                self._fail(version, f"timed out with {len(todo)} bucket(s) missing")
-                return None
-            try:
-                r = self.client.get_handles(self.client_id, self.name, version, after=after,
-                                            wait_ms=1000)
-            except CoordinatorError as e:
-                self._fail(version, f"get_handles failed: {e}", reject=False)
-                return None
-            after = r["last"]
-            for h in r["handles"]:
+        pending = [h for h in first if self.client_id in h.get("consumers", ())]
+        precommitted, t_recv = None, None
+        while not self._closed and (todo or precommitted is None):
+            if not pending and todo:
+                if time.perf_counter() > deadline:
+                    self._fail(version, f"timed out with {len(todo)} bucket(s) missing")
+                    return None
+                try:
+                    r = self.client.get_handles(self.client_id, self.name, version, after=after,
+                                                wait_ms=1000)
+                except CoordinatorError as e:
+                    self._fail(version, f"get_handles failed: {e}", reject=False)
+                    return None
+                after = r["last"]
+                pending = r["handles"]
+                if not pending:
+                    st = self.client.version(self.name, version)["state"]
+                    if st != "transferring":
+                        log.info("subscriber %s: version %d %s while receiving", self.name,
+                                 version, st)
+                        return None
+                    continue
+            h = pending.pop(0) if pending else None
+            ok, err, partials, b = True, None, None, None
+            if h is not None:
                 p = h["payload"]
                 b = int(p["bucket"])
                 t_first = t_first or time.perf_counter()
@@ -1126,65 +1164,68 @@ class Subscriber:
                 if rinfo is not None:  # we are our node's leader for this bucket
                     ok, err, partials = self._relay_bucket(version, plan, b, h, rinfo, shadows,
                                                            b in todo)
-                    if ok and partials is not None:
-                        np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
-                        todo.discard(b)
-                        nbytes += int(plan.piece_length[plan.pieces(b)].sum())
-                        self.stats["buckets"] += 1
-                    elif not ok:
-                        self.stats["nacks"] += 1
-                        log.warning("subscriber %s: %s", self.name, err)
-                    self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
-                    continue
-                if b not in todo:  # a re-send of a bucket we already hold
-                    self.client.ack_handle(self.client_id, h["handle_id"], True)
-                    continue
-                if self.before_scatter is not None:
-                    self.before_scatter(b)
-                if "direct" in p:
-                    ok, err, partials = self._read_direct(h["owner"], plan, b, p["direct"], shadows)
-                else:
-                    try:
-                        src_ring = self._ring_of(h["owner"])
-                    except Exception as e:
-                        self.client.ack_handle(self.client_id, h["handle_id"], False,
-                                               f"cannot import the ring of {h['owner']}: {e}")
-                        continue
-                    ok, err, partials = self._scatter(src_ring, plan, b, int(p["slot"]),
-                                                      int(p["digest"]), shadows)
-                if ok:
+                elif b in todo:  # else a re-send of a bucket we already hold: just ack it
+                    if self.before_scatter is not None:
+                        self.before_scatter(b)
+                    if "direct" in p:
+                        ok, err, partials = self._read_direct(h["owner"], plan, b, p["direct"],
+                                                              shadows)
+                    else:
+                        try:
+                            src_ring = self._ring_of(h["owner"])
+                        except Exception as e:
+                            ok, err = False, f"cannot import the ring of {h['owner']}: {e}"
+                        else:
+                            ok, err, partials = self._scatter(src_ring, plan, b, int(p["slot"]),
+                                                              int(p["digest"]), shadows)
+                if ok and partials is not None:
                     np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
                     todo.discard(b)
                     nbytes += int(plan.piece_length[plan.pieces(b)].sum())
                     self.stats["buckets"] += 1
-                else:
+                elif not ok:
                     self.stats["nacks"] += 1
                     log.warning("subscriber %s: %s", self.name, err)
-                self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
-            if todo:
-                st = self.client.version(self.name, version)["state"]
-                if st != "transferring":
-                    log.info("subscriber %s: version %d %s while receiving", self.name, version, st)
+            last = not todo and precommitted is None
+            if last:
+                # End to end: every tensor's pieces add up to the manifest's checksum.
+                for i in mine:
+                    got = ops.tensor_digest([acc[i]], int(plan.nbytes[i]))
+                    if got != int(plan.checksums[i]):
+                        self.metrics.tensor_mismatch()
+                        if h is not None:
+                            self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
+                        self._fail(version, f"tensor {plan.names[i]!r} arrived with checksum "
+                                            f"{got:016x}, the manifest says "
+                                            f"{int(plan.checksums[i]):016x}")
+                        return None
+                if self._stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+                else:
+                    event = None
+                t_recv = time.perf_counter()
+            # the precommit rides on the last bucket's ack (Note [One update])
+            r = (self.client.ack_handle(self.client_id, h["handle_id"], ok, err, precommit=last)
+                 if h is not None else {})
+            if last:
+                if "precommit_error" in r:
+                    log.info("subscriber %s: version %d: %s", self.name, version,
+                             r["precommit_error"])
                     return None
+                if "state" not in r:  # no handle to carry it, or the handle was gone
+                    try:
+                        r = self.client.precommit(self.client_id, self.name, version)
+                    except CoordinatorError as e:  # aborted meanwhile, say
+                        log.info("subscriber %s: version %d: %s", self.name, version, e)
+                        return None
+                precommitted = r["state"]
         if self._closed:
             return None
-        # End to end: every tensor's pieces add up to the manifest's checksum.
-        for i in mine:
-            got = ops.tensor_digest([acc[i]], int(plan.nbytes[i]))
-            if got != int(plan.checksums[i]):
-                self.metrics.tensor_mismatch()
-                self._fail(version, f"tensor {plan.names[i]!r} arrived with checksum {got:016x}, "
-                                    f"the manifest says {int(plan.checksums[i]):016x}")
-                return None
-        event = None
-        if self._stream is not None:
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        t_recv = time.perf_counter()
-        self.client.precommit(self.client_id, self.name, version)
         try:
-            final = self.client.wait_version(self.name, version,
-                                             max(1.0, deadline - time.perf_counter()))
+            final = ({"state": "committed"} if precommitted == "committed" else
+                     self.client.wait_version(self.name, version,
+                                              max(1.0, deadline - time.perf_counter())))
         except TimeoutError as e:
             self._fail(version, str(e), reject=False)
             return None
@@ -1260,10 +1301,10 @@ class Subscriber:
             relay.release(slot)
             return False, f"relay of bucket {b} to node {self.node!r} failed: {e}", None
 
-    def _drop_dead_rings(self) -> None:
+    def _drop_dead_rings(self, alive: str | None = None) -> None:
         """Unmaps the rings (and directly read storages) of publishers that left or died, so
-        their memory can go."""
-        for cid in set(self._rings) | set(self._source_pids):
+        their memory can go (``alive``: a publisher known to be alive, not asked about)."""
+        for cid in (set(self._rings) | set(self._source_pids)) - {alive}:
             try:
                 alive = self.client.get_client(cid).get("alive", False)
             except CoordinatorError:

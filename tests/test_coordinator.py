@@ -189,6 +189,68 @@ def test_small_plans_ride_in_the_version_event(hm):
     assert cl.plan("m", 2) == big  # what does not ride along is fetched as before
 
 
+def test_small_handles_ride_in_the_version_event(hm):
+    """Handles posted with their version come with its event (subscribers skip get_handles);
+    too many bytes of them do not, and are fetched as before."""
+    from hotweights.coordinator.state import INLINE_HANDLE_BYTES
+
+    c, cl, pub, subs = _setup(hm)
+    early = [{"payload": {"bucket": b}, "consumers": subs[:1], "handle_id": f"e{b}"}
+             for b in range(2)]
+    cl.publish(pub, "m", b"manifest", handles=early)
+    fat = [{"payload": {"blob": b"z" * (INLINE_HANDLE_BYTES + 1)}, "consumers": subs,
+            "handle_id": "fat"}]
+    cl.publish(pub, "m", b"manifest", handles=fat)
+    ev = [e for e in cl.events("m", after=0)["events"] if e["type"] == "version"]
+    got = ev[0]["handles"]
+    assert [(x["handle_id"], x["payload"], x["consumers"], x["owner"], x["version"])
+            for x in got] == [("e0", {"bucket": 0}, subs[:1], pub, 1),
+                              ("e1", {"bucket": 1}, subs[:1], pub, 1)]
+    # the same views get_handles returns (but for the lease countdown)
+    fetched = cl.get_handles(subs[0], "m", 1)["handles"]
+    assert [{k: v for k, v in x.items() if k != "expires_in"} for x in fetched] == [
+        {k: v for k, v in x.items() if k != "expires_in"} for x in got]
+    assert "handles" not in ev[1]
+    assert [x["handle_id"] for x in cl.get_handles(subs[1], "m", 2)["handles"]] == ["fat"]
+
+
+def test_precommit_rides_on_the_last_ack(hm):
+    """ack_handle(precommit=True) acks and precommits in one request: the last one commits,
+    and the owner's release says so; on an aborted version the ack stands and the precommit
+    is refused in the reply, not as an error (nothing half-applied)."""
+    c, cl, pub, (s1, s2) = _setup(hm)
+    cl.publish(pub, "m", b"manifest", handles=[{"payload": {"bucket": 0}, "consumers": [s1, s2],
+                                                "handle_id": "h0"}])
+    r1 = cl.ack_handle(s1, "h0", precommit=True)
+    assert r1 == {"known": True, "released": False, "state": "transferring"}
+    assert cl.version("m", 1)["precommitted"] == [s1]
+    r2 = cl.ack_handle(s2, "h0", precommit=True)
+    assert r2 == {"known": True, "released": True, "state": "committed"}
+    rel = cl.released(pub, after=0)["released"]
+    assert [(x["handle_id"], x["reason"], x["version_state"]) for x in rel] == [
+        ("h0", "acked", "committed")]
+    # a nack does not precommit
+    cl.publish(pub, "m", b"manifest", parent=1)
+    cl.post_handle(pub, "m", 2, {"bucket": 0}, handle_id="h1")
+    r = cl.ack_handle(s1, "h1", ok=False, error="bad bytes", precommit=True)
+    assert "state" not in r and cl.version("m", 2)["precommitted"] == []
+    # refused by this subscriber earlier: the ack is recorded, the precommit refused in the
+    # reply (an aborted version's handles are gone: that ack is answered known=False)
+    cl.post_handle(pub, "m", 2, {"bucket": 1}, handle_id="h2", consumers=[s1, s2])
+    cl.reject(s1, "m", 2, "shape mismatch")
+    r = cl.ack_handle(s1, "h2", precommit=True)
+    assert r["known"] and "rejected" in r["precommit_error"] and "state" not in r
+    assert c.state.handles["h2"]["acked"] == [s1] and cl.version("m", 2)["precommitted"] == []
+    cl.abort(pub, "m", 2, "operator")
+    assert cl.ack_handle(s2, "h2", precommit=True) == {"known": False, "released": True}
+    # a publisher is not a subscriber: forbidden before anything changes
+    cl.publish(pub, "m", b"manifest", parent=1)
+    cl.post_handle(pub, "m", 3, {"bucket": 0}, handle_id="h3", consumers=[pub])
+    with pytest.raises(CoordinatorError, match="forbidden|expected a subscriber"):
+        cl.ack_handle(pub, "h3", precommit=True)
+    assert c.state.handles["h3"]["acked"] == []
+
+
 def test_state_survives_reload(h):
     """Every change reaches the backend: a fresh State loaded from it equals the live one."""
     c, cl, pub, (s1, s2) = _setup(h)
@@ -583,9 +645,16 @@ def test_token_required_for_mutations(make_harness):
         ev = sub.recv(5)
         assert ev is not None and P.verify_event(TOKEN, ev)
         assert TOKEN not in repr(ev)
-    # Public reads work without the token; reads of capabilities and handles do not.
+    # Public reads work without the token; reads of capabilities and handles do not, and
+    # version events carry no plan or handles then (they do without a token).
+    good.register("subscriber", "m", client_id="sub")
+    good.publish("pub", "m", b"manifest", plan=b"secret plan",
+                 handles=[{"payload": {"ipc": b"secret handle"}, "consumers": ["sub"]}])
     assert anon.status()["coordinator"]["auth"] is True
     assert anon.events("m")["events"]
+    v = [e for e in anon.events("m")["events"] if e["type"] == "version"]
+    assert len(v) == 1 and "plan" not in v[0] and "handles" not in v[0]
+    assert b"secret" not in P.pack(anon.events("m"))
     with pytest.raises(CoordinatorError, match="unauthenticated"):
         anon.clients("m")
     with pytest.raises(CoordinatorError, match="unauthenticated"):

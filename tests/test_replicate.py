@@ -285,6 +285,36 @@ def test_mismatched_model_refuses_and_stays_untouched(coord):
         pub.close()
 
 
+def test_a_failed_receive_refuses_that_version_only(coord):
+    """An unexpected error while receiving (here a hook that raises once) refuses that version
+    and leaves the subscriber's weights untouched; its receiver keeps serving the next one."""
+    src = make_model(5)
+    m = make_model(6)
+    before = snapshot(m)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    calls = []
+
+    def boom(b):
+        calls.append(b)
+        if len(calls) == 1:
+            raise RuntimeError("injected receive failure")
+
+    h._sub.before_scatter = boom
+    try:
+        with pytest.raises(hotweights.PublishError, match="rejected by every live"):
+            pub.publish("v1", timeout=30)
+        assert same_state(snapshot(m), before) and h.version is None
+        assert "injected receive failure" in Client(coord).version("m", 1)["rejected"][h.client_id]
+        r = pub.publish("v2", timeout=30)
+        assert r.state == "committed"
+        assert h.wait(r.version, timeout=30) == r.version
+        assert same_state(snapshot(m), snapshot(src))
+    finally:
+        h.close()
+        pub.close()
+
+
 def test_consumer_sets_receive_only_their_tensors(coord):
     src = make_model(8)
     a, b = make_model(9), make_model(10)

@@ -445,10 +445,13 @@ class Client:
                                                    "wait_ms": wait_ms}, wait_ms=wait_ms)
 
     def ack_handle(self, client_id: str, handle_id: str, ok: bool = True,
-                   error: str | None = None) -> dict:
-        """This consumer is done with a handle (``ok=False``: it failed, ``error`` says why)."""
+                   error: str | None = None, precommit: bool = False) -> dict:
+        """This consumer is done with a handle (``ok=False``: it failed, ``error`` says why).
+        ``precommit=True`` (with ``ok``): and it holds every bucket of the handle's version,
+        verified; the result carries the version's ``state``, or ``precommit_error``."""
         return self._as(client_id, "ack_handle", {"client_id": client_id, "handle_id": handle_id,
-                                                  "ok": ok, "error": error})
+                                                  "ok": ok, "error": error,
+                                                  "precommit": precommit})
 
     def released(self, client_id: str, after: int = 0, wait_ms: int = 0) -> dict:
         """The owner's released handles after ``after`` (long-poll)."""

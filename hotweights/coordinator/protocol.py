@@ -425,7 +425,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _m("get_handles", False, long_poll=True, client_id=(_t_id, R), model=(_t_name, R),
        version=(_opt(_t_version), None), after=(_t_count, 0), wait_ms=(_t_wait, 0)),
     _m("ack_handle", True, client_id=(_t_id, R), handle_id=(_t_id, R), ok=(_t_bool, True),
-       error=(_opt(_t_text), None)),
+       error=(_opt(_t_text), None), precommit=(_t_bool, False)),
     _m("released", False, long_poll=True, client_id=(_t_id, R), after=(_t_count, 0),
        wait_ms=(_t_wait, 0)),
 )}

@@ -97,7 +97,8 @@ class Coordinator:
             heartbeat_s=cfg.heartbeat_s, dead_after_s=cfg.dead_after_s, quorum=cfg.quorum,
             on_dead=cfg.on_dead, handle_ttl=cfg.handle_ttl,
             version_timeout_s=cfg.version_timeout_s, event_log_len=event_log_len,
-            keep_versions=keep_versions, keep_manifests=min(keep_manifests, keep_versions))
+            keep_versions=keep_versions, keep_manifests=min(keep_manifests, keep_versions),
+            inline_payloads=self._token is None)
         self.hook = hook
         self.state = State(self.settings, self.backend, hook)
         # Timers: fine enough to notice a death within ~10% of dead_after_s.

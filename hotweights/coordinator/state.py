@@ -39,7 +39,7 @@ import time
 from typing import Any, Callable
 
 from .backends import Backend, WriteBatch
-from .protocol import CoordinatorError, new_id
+from .protocol import CoordinatorError, new_id, pack
 
 __all__ = ["State", "StateSettings"]
 
@@ -48,6 +48,7 @@ MAX_BATCH_ITEMS = 1024  # events / handles / released entries per long-poll repl
 
 # Plans up to this size travel inside the "version" event as well (Note [One update]).
 INLINE_PLAN_BYTES = 16 << 10
+INLINE_HANDLE_BYTES = 16 << 10  # handles posted with a version ride in its event up to this
 
 
 @dataclasses.dataclass
@@ -67,6 +68,9 @@ class StateSettings:
     max_clients: int = 100_000
     max_handles: int = 100_000
     purge_dead_after_s: float = 3600.0
+    # small plans and handles ride in version events; off with a token: events are public
+    # reads, plans and handle payloads are not (docs/coordinator.md, Security)
+    inline_payloads: bool = True
 
 
 def _err(code: str, msg: str) -> CoordinatorError:
@@ -411,17 +415,25 @@ class State:
         self.batch.put_blob(f"manifest:{v}:{model}", a["manifest"])
         if a["plan"] is not None:
             self.batch.put_blob(f"plan:{v}:{model}", a["plan"])
-        # a small plan (a delta's) rides in the event: subscribers skip one request for it
-        inline = ({"plan": a["plan"]} if a["plan"] is not None
-                  and len(a["plan"]) <= INLINE_PLAN_BYTES else {})
-        self._event(model, "version", version=v, label=a["label"], parent=a["parent"],
-                    publisher=a["client_id"], expected=expected, **inline)
-        self.count("versions.published")
         # handles posted with their version: one request less before the first bucket moves
         hids = [self.post_handle({"client_id": a["client_id"], "model": model, "version": v,
                                   "payload": h["payload"], "consumers": h["consumers"],
                                   "ttl": None, "handle_id": h["handle_id"]})["handle_id"]
                 for h in handles]
+        # A small plan (a delta's) and small handles ride in the version event: subscribers
+        # skip the requests for them (Note [One update] in hotweights/replicate.py).
+        inline = {}
+        if (self.s.inline_payloads and a["plan"] is not None
+                and len(a["plan"]) <= INLINE_PLAN_BYTES):
+            inline["plan"] = a["plan"]
+        if hids and self.s.inline_payloads:
+            views = [self._view_handle(self.handles[hid], now) for hid in hids
+                     if hid in self.handles]
+            if views and len(pack(views)) <= INLINE_HANDLE_BYTES:
+                inline["handles"] = views
+        self._event(model, "version", version=v, label=a["label"], parent=a["parent"],
+                    publisher=a["client_id"], expected=expected, **inline)
+        self.count("versions.published")
         self._trim(model)
         self._evaluate(rec)
         return {"version": v, "handles": hids} if hids else {"version": v}
@@ -494,12 +506,7 @@ class State:
         rec = self._member(a["client_id"], a["model"], "subscriber", "precommit")
         vrec = self._version(a["model"], a["version"])
         cid = rec["client_id"]
-        if vrec["state"] == "aborted":
-            raise _err("bad_state", f"precommit: version {vrec['version']} of model "
-                                    f"{a['model']!r} was aborted ({vrec['reason']})")
-        if cid in vrec["rejected"]:
-            raise _err("bad_state", f"precommit: client {cid!r} rejected version "
-                                    f"{vrec['version']} earlier")
+        self._check_precommit(vrec, cid)
         if cid not in vrec["precommitted"]:
             vrec["precommitted"].append(cid)
             self._put_version(vrec)
@@ -508,6 +515,15 @@ class State:
             self._event(a["model"], "precommit", version=vrec["version"], client_id=cid)
             self._evaluate(vrec)
         return {"state": vrec["state"]}
+
+    @staticmethod
+    def _check_precommit(vrec: dict, cid: str) -> None:
+        if vrec["state"] == "aborted":
+            raise _err("bad_state", f"precommit: version {vrec['version']} of model "
+                                    f"{vrec['model']!r} was aborted ({vrec['reason']})")
+        if cid in vrec["rejected"]:
+            raise _err("bad_state", f"precommit: client {cid!r} rejected version "
+                                    f"{vrec['version']} earlier")
 
     def reject(self, a: dict) -> dict:
         """A subscriber refuses the version; it leaves the quorum and keeps its old version."""
@@ -673,16 +689,22 @@ class State:
             last = out[-1]["seq"]
         if out:
             self.count("handles.fetched", len(out))
-        res = {"handles": [{"handle_id": h["handle_id"], "owner": h["owner"],
-                            "version": h["version"], "payload": h["payload"], "seq": h["seq"],
-                            "expires_in": round(h["expires_at"] - now, 3)} for h in out],
-               "last": last}
+        res = {"handles": [self._view_handle(h, now) for h in out], "last": last}
         if truncated:
             res["truncated"] = True
         return res
 
+    @staticmethod
+    def _view_handle(h: dict, now: float) -> dict:
+        return {"handle_id": h["handle_id"], "owner": h["owner"], "version": h["version"],
+                "payload": h["payload"], "seq": h["seq"], "consumers": h["consumers"],
+                "expires_in": round(h["expires_at"] - now, 3)}
+
     def ack_handle(self, a: dict) -> dict:
-        """A consumer is done with a handle (``ok`` False: it failed, ``error`` says why)."""
+        """A consumer is done with a handle (``ok`` False: it failed, ``error`` says why).
+        ``precommit``: and it now holds every bucket of the handle's version, verified (the
+        precommit request folded into the last ack); the result then carries the version's
+        ``state``, or ``precommit_error`` when the version can no longer be precommitted."""
         cid = self._client(a["client_id"])["client_id"]
         h = self.handles.get(a["handle_id"])
         if h is None:
@@ -690,6 +712,15 @@ class State:
         if cid not in h["consumers"]:
             raise _err("forbidden", f"ack_handle: client {cid!r} is not a consumer of handle "
                                     f"{a['handle_id']!r}")
+        pc = None
+        if a["precommit"] and a["ok"]:  # validated before anything changes
+            self._member(cid, h["model"], "subscriber", "ack_handle with precommit")
+            vrec = self._version(h["model"], h["version"])
+            pc = {"client_id": cid, "model": h["model"], "version": h["version"]}
+            try:
+                self._check_precommit(vrec, cid)
+            except CoordinatorError as e:
+                pc = e.message
         if a["ok"]:
             if cid not in h["acked"]:
                 h["acked"].append(cid)
@@ -703,6 +734,10 @@ class State:
         self._put_handle(h)
         self.woken_models.add(h["model"])
         released = self._maybe_release(h)
+        if isinstance(pc, dict):
+            return {"known": True, "released": released, **self.precommit(pc)}
+        if isinstance(pc, str):
+            return {"known": True, "released": released, "precommit_error": pc}
         return {"known": True, "released": released}
 
     def _refused(self, h: dict) -> dict:
@@ -776,6 +811,10 @@ class State:
                 truncated = True
             start = max(after - first + 1, 0)
             items = list(itertools.islice(log, start, start + MAX_BATCH_ITEMS))
+        # each with its version's state now: an owner that sees "committed" with its last
+        # release needs no version() request (Note [One update] in hotweights/replicate.py)
+        items = [{**it, "version_state": self.versions.get(it["model"], {}).get(
+            it["version"], {}).get("state")} for it in items]
         res = {"released": items, "last": items[-1]["seq"] if items else last}
         if truncated:
             res["truncated"] = True
