@@ -61,6 +61,7 @@ another device than the source, and checkpoint sources always use the ring.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -93,6 +94,9 @@ DIRECT_UNAVAILABLE = "direct read unavailable"
 # bucket_bytes): a bucket holds no memory there, and each costs a few coordinator round trips
 # per subscriber.
 DIRECT_BUCKET_BYTES = 256 << 20
+# Subscribers look for storages a publisher freed at least this often (sooner when it shares
+# new ones).
+PRUNE_EVERY_S = 2.0
 
 
 class PublishError(RuntimeError):
@@ -248,6 +252,7 @@ class Publisher:
         self.direct = self._direct_setup(self._direct_mode)
         self._no_direct: set[str] = set()   # subscribers that could not map the source
         self._churned = False               # the last direct version had to move its source
+        self._share_gen = 0                 # bumped when storages are (re)shared
         self.window = _C.WindowController(
             base=min(self.cfg.ipc_inflight_buckets, self.slots),
             byte_cap=self.cfg.ipc_inflight_bytes, adapt=self.cfg.ipc_adapt,
@@ -281,6 +286,8 @@ class Publisher:
         self._releaser = threading.Thread(target=self._release_loop, name=f"hw-pub-{name}",
                                           daemon=True)
         self._releaser.start()
+        # asks the coordinator who subscribes while publish() hashes (one thread: one socket)
+        self._asker = concurrent.futures.ThreadPoolExecutor(1, f"hw-pub-ask-{name}")
         self._serve_late = serve_late
         self._watcher = None
         if serve_late:
@@ -357,6 +364,7 @@ class Publisher:
 
     def _publish(self, label, timeout, progress=None, direct: bool = False) -> PublishResult:
         t0 = time.perf_counter()
+        asked = self._asker.submit(self.client.clients, self.name)  # overlaps the hashing
         if self._bucket_source:
             tensors = None
             manifest = self._source.snapshot(self.name, label, self.version)
@@ -367,8 +375,7 @@ class Publisher:
                                    "create a new Publisher for the new device")
             manifest = self._snapshot(tensors, label)
         t_manifest = time.perf_counter()
-        subs = [c for c in self.client.clients(self.name)
-                if c["role"] == "subscriber" and c["alive"]]
+        subs = [c for c in asked.result() if c["role"] == "subscriber" and c["alive"]]
         self._routes = self._route(subs)
         specs = [SubscriberSpec(c["client_id"], self._manifest(c["version"]),
                                 c["consumer"] or None) for c in subs]
@@ -493,6 +500,8 @@ class Publisher:
         # A source that hands out fresh tensors at every publish (a callable building them)
         # makes every direct version move its bytes into shared memory first: no better than
         # the ring's gather, plus mappings to churn. Two such versions in a row: the ring.
+        if lay["moved"]:  # storages were (re)shared: subscribers look for freed ones
+            self._share_gen += 1
         churn = lay["moved"] > plan.total_bytes // 2
         if churn and self._churned and self._direct_mode == "auto":
             self.direct = False
@@ -502,7 +511,8 @@ class Publisher:
         sidx = np.full(len(plan.names), -1, np.int32)
         soff = np.zeros(len(plan.names), np.int64)
         sidx[used], soff[used] = lay["sidx"], lay["soff"]
-        return {"pid": lay["pid"], "st": lay["st"], "sidx": sidx, "soff": soff}
+        return {"pid": lay["pid"], "st": lay["st"], "sidx": sidx, "soff": soff,
+                "gen": self._share_gen}
 
     def _route(self, subs: list[dict]) -> dict[str, dict]:
         """Who reads this publisher's ring directly (same node) and who gets buckets through
@@ -748,7 +758,8 @@ class Publisher:
         if self.after_gather is not None:
             self.after_gather(b, None, attempt)
         payload = {"bucket": b, "attempt": attempt, "direct": {
-            "kind": d.get("kind", "cpu"), "pid": d["pid"], "st": [d["st"][k] for k in used.tolist()],
+            "kind": d.get("kind", "cpu"), "pid": d["pid"], "gen": d.get("gen", 0),
+            "st": [d["st"][k] for k in used.tolist()],
             "sidx": local.astype(np.int32).tobytes(),
             "soff": (d["soff"][tidx] + plan.piece_tensor_offset[rows]).astype(np.int64).tobytes()}}
         hid = uuid.uuid4().hex
@@ -934,6 +945,11 @@ class Publisher:
         for t in (self._releaser, self._watcher):
             if t is not None:
                 t.join(5)
+        try:  # the asking thread's socket goes with it
+            self._asker.submit(self.client.release_thread).result(5)
+        except Exception as e:
+            log.warning("publisher %s: releasing the asking thread failed: %s", self.name, e)
+        self._asker.shutdown(wait=False)
         try:
             self.client.deregister(self.client_id)
         except Exception as e:
@@ -1028,6 +1044,9 @@ class Subscriber:
         self._sources = SourceMaps()              # publishers' storages (Note [Direct reads])
         self._cuda_sources = CudaSourceMaps()     # the same for a CUDA publisher (opt-in)
         self._source_pids: dict[str, int] = {}    # owner client id -> its pid
+        # prune mappings of freed storages when a publisher (re)shared some, else now and then
+        self._source_gens: dict[int, int] = {}     # pid -> the last share generation seen
+        self._prune_due, self._pruned_at = False, time.monotonic()
         self._transport: Transport | None = None  # created when this subscriber first relays
         self._relay: _Relay | None = None
         # Test hooks: called with the bucket index before each scatter, and with (version,
@@ -1316,8 +1335,13 @@ class Subscriber:
                     pid = self._source_pids.pop(cid)
                     self._sources.drop(pid)
                     self._cuda_sources.drop(pid)
-        if len(self._sources):
-            self._sources.prune()  # storages a live publisher replaced since
+                    self._source_gens.pop(pid, None)
+        # storages a live publisher replaced or freed since (a stat per mapping: ~1 ms per
+        # 200, so not after every version when nothing was re-shared)
+        if len(self._sources) and (self._prune_due
+                                   or time.monotonic() - self._pruned_at > PRUNE_EVERY_S):
+            self._sources.prune()
+            self._prune_due, self._pruned_at = False, time.monotonic()
     def _read_direct(self, owner: str, plan: Plan, b: int, d: dict,
                      shadows: dict[str, torch.Tensor]):
         """Copies bucket b straight from the publisher's shared storages into the shadows,
@@ -1335,6 +1359,10 @@ class Subscriber:
             else:
                 regions = [self._sources.region(pid, *map(int, st)) for st in d["st"]]
             self._source_pids[owner] = pid
+            gen = int(d.get("gen", 0))
+            if self._source_gens.get(pid) != gen:
+                self._source_gens[pid] = gen
+                self._prune_due = True
         except (HandleError, OSError, ValueError, TypeError, KeyError) as e:
             return False, f"{DIRECT_UNAVAILABLE}: {e}", None
         t_read = time.perf_counter()

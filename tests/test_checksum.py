@@ -101,6 +101,16 @@ def test_batch_matches_singles_and_needs_contiguous():
         ops.checksum(torch.randn(4, 4).t())
 
 
+def test_batch_of_large_and_small_tensors_matches_the_reference():
+    """hw64_digest_many cuts tensors into 1 MiB pieces and groups small ones per task: a mix
+    of multi-MiB tensors (odd sizes) and small ones must still give each its own digest."""
+    g = torch.Generator().manual_seed(7)
+    sizes = [(5 << 20) + 13, 3, (1 << 20) - 8, 0, 4096, (2 << 20) + 1] + [100] * 70
+    ts = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
+    got = ops.checksum_batch(ts)
+    assert [int(x) for x in got] == [ref_digest(t.numpy().tobytes()) for t in ts]
+
+
 @pytest.mark.cuda
 def test_cpu_and_cuda_agree():
     g = torch.Generator().manual_seed(2)

@@ -34,6 +34,7 @@ using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast
 using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 constexpr size_t kDigestChunk = 4 << 20;
+constexpr size_t kManyChunk = 1 << 20;  // hw64_digest_many: pieces of a few MiB still spread
 
 // Multi-threaded hw64 digest of one host buffer (Note [hw64 checksum]: any split adds up).
 uint64_t digest_host(uintptr_t ptr, size_t n) {
@@ -49,7 +50,7 @@ uint64_t digest_host(uintptr_t ptr, size_t n) {
   return hw::hw_finalize(acc.load(), n);
 }
 
-// Digests of many host buffers: pieces of at most kDigestChunk, claimed by all threads.
+// Digests of many host buffers: pieces of at most kManyChunk, claimed by all threads.
 py::array_t<uint64_t> digest_host_many(const U64Array& ptrs, const U64Array& sizes) {
   HW_CHECK_ARG(ptrs.ndim() == 1 && sizes.ndim() == 1 && ptrs.size() == sizes.size(),
                "hw64_digest_many: ptrs and sizes must be 1-D arrays of equal length, got ",
@@ -60,20 +61,32 @@ py::array_t<uint64_t> digest_host_many(const U64Array& ptrs, const U64Array& siz
   std::vector<std::pair<size_t, size_t>> pieces;  // (buffer, offset)
   for (size_t i = 0; i < n; ++i) {
     if (s[i] == 0) continue;
-    for (size_t off = 0; off < s[i]; off += kDigestChunk) pieces.emplace_back(i, off);
+    for (size_t off = 0; off < s[i]; off += kManyChunk) pieces.emplace_back(i, off);
   }
   std::unique_ptr<std::atomic<uint64_t>[]> acc(new std::atomic<uint64_t>[n ? n : 1]);
   for (size_t i = 0; i < n; ++i) acc[i].store(0);
   {
     py::gil_scoped_release nogil;
-    // Group consecutive small pieces per task to keep the atomic counter cheap.
+    // Tasks of consecutive pieces, closed at kManyChunk bytes or 64 pieces: small pieces
+    // share a task (the shared counter stays cheap), a few large ones still spread over the
+    // threads (10 MiB in three tensors was one task, one thread, before).
     constexpr size_t kGroup = 64;
-    const size_t groups = (pieces.size() + kGroup - 1) / kGroup;
+    std::vector<size_t> starts{0};
+    size_t bytes = 0;
+    for (size_t k = 0; k < pieces.size(); ++k) {
+      const auto [i, off] = pieces[k];
+      bytes += std::min<size_t>(kManyChunk, s[i] - off);
+      if (bytes >= kManyChunk || k + 1 - starts.back() >= kGroup) {
+        starts.push_back(k + 1);
+        bytes = 0;
+      }
+    }
+    if (starts.back() != pieces.size()) starts.push_back(pieces.size());
+    const size_t groups = starts.size() - 1;
     hw::parallel_for(&hw::default_pool(), groups, [&](size_t g) {
-      const size_t end = std::min(pieces.size(), (g + 1) * kGroup);
-      for (size_t k = g * kGroup; k < end; ++k) {
+      for (size_t k = starts[g]; k < starts[g + 1]; ++k) {
         const auto [i, off] = pieces[k];
-        const size_t len = std::min<size_t>(kDigestChunk, s[i] - off);
+        const size_t len = std::min<size_t>(kManyChunk, s[i] - off);
         acc[i].fetch_add(hw::hw_partial(reinterpret_cast<const char*>(p[i]) + off, len, off / 8),
                          std::memory_order_relaxed);
       }

@@ -130,17 +130,21 @@ std::shared_ptr<Completion> CpuCopyEngine::submit(std::vector<CopyItem> items,
     batch->piece_begin.push_back(batch->segments.size());
   const size_t pieces = batch->piece_begin.size() - 1;
   const int tasks = static_cast<int>(std::min<size_t>(pool_.size(), pieces));
-  batch->completion = std::make_shared<Completion>(tasks, num_hashes);
+  // The batch is done when its *pieces* are: a task that the scheduler starts late (a busy
+  // host: more runnable threads than cores) finds nothing left and is not waited for.
+  batch->completion = std::make_shared<Completion>(static_cast<int>(pieces), num_hashes);
   auto completion = batch->completion;
   for (int t = 0; t < tasks; ++t) {
     pool_.submit([batch, pieces] {
-      std::string err;
-      try {
-        for (size_t p; (p = batch->next.fetch_add(1)) < pieces;) run_piece(*batch, p);
-      } catch (const std::exception& e) {
-        err = e.what();
+      for (size_t p; (p = batch->next.fetch_add(1)) < pieces;) {
+        std::string err;
+        try {
+          run_piece(*batch, p);
+        } catch (const std::exception& e) {
+          err = e.what();
+        }
+        batch->completion->task_done(err);
       }
-      batch->completion->task_done(err);
     });
   }
   return completion;

@@ -1,7 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/thread_pool.h"
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
 #include <exception>
 #include <stdexcept>
 
@@ -86,27 +90,49 @@ void ThreadPool::loop() {
   }
 }
 
-void parallel_for(ThreadPool* pool, size_t n, const std::function<void(size_t)>& fn) {
-  if (n == 0) return;
+namespace {
+
+// One parallel_for's shared state. Helpers hold it by shared_ptr: the caller waits for the
+// *indices* to be done, not for every helper to have run, so a helper the scheduler starts
+// late (more runnable threads than cores) finds nothing left, never touches fn, and is not
+// waited for.
+struct ForState {
+  ForState(size_t n, const std::function<void(size_t)>* fn) : n(n), fn(fn) {}
+  const size_t n;
+  const std::function<void(size_t)>* fn;  // valid while some index is not done
   std::atomic<size_t> next{0};
-  std::mutex err_mu;
-  std::exception_ptr err;
-  auto worker = [&] {
+  std::atomic<size_t> completed{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  std::exception_ptr err;  // under mu
+
+  void run() {
     for (size_t i; (i = next.fetch_add(1)) < n;) {
       try {
-        fn(i);
+        (*fn)(i);
       } catch (...) {
-        std::lock_guard<std::mutex> g(err_mu);
+        std::lock_guard<std::mutex> g(mu);
         if (!err) err = std::current_exception();
       }
+      if (completed.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> g(mu);  // the waiter is waiting or will see n
+        cv.notify_all();
+      }
     }
-  };
+  }
+};
+
+}  // namespace
+
+void parallel_for(ThreadPool* pool, size_t n, const std::function<void(size_t)>& fn) {
+  if (n == 0) return;
+  auto st = std::make_shared<ForState>(n, &fn);
   const int helpers = pool ? static_cast<int>(std::min<size_t>(pool->size(), n - 1)) : 0;
-  auto done = std::make_shared<Completion>(helpers);
-  for (int h = 0; h < helpers; ++h) pool->submit([&, done] { worker(); done->task_done(); });
-  worker();
-  done->wait(-1);
-  if (err) std::rethrow_exception(err);
+  for (int h = 0; h < helpers; ++h) pool->submit([st] { st->run(); });
+  st->run();
+  std::unique_lock<std::mutex> lk(st->mu);
+  st->cv.wait(lk, [&] { return st->completed.load() == n; });
+  if (st->err) std::rethrow_exception(st->err);
 }
 
 ThreadPool& default_pool() {
