@@ -13,14 +13,16 @@ Note [Update model]: the pipeline as built (hotweights/replicate.py, Note [One u
   per tensor; nothing else runs meanwhile.
 * plan: plan construction per tensor and the ``clients`` request (one round trip r).
 * stream: the ``publish`` request (r), then N = ceil(M / B) buckets. The fixed cost of a
-  bucket (gather/scatter set-up, the handle's post, long-polls, ack, release, the
-  subscriber's version check: 2 + 3K coordinator requests and the Python around them) is
+  bucket (gather/scatter set-up, the handle's post, each subscriber's long-poll for it and
+  ack, the release: 2 + 2K coordinator requests and the Python around them) is
   **measured on the real pipeline with 4 KiB buckets** (``bucket0_*``, by subscriber count K;
   linear in K beyond the counts measured): ``L0`` the latency of one bucket alone, ``I0`` the
   interval between buckets when the ring is full, ``C0`` the CPU seconds all processes spend
   on it. The bytes add:
-    - latency of a bucket ``T_b = L0 + B/gather_Bps + B/min(scatter_Bps, link_Bps)`` (the
-      publisher's gather+hash into a ring slot, then each subscriber's scatter+hash out of it);
+    - latency of a bucket ``T_b = L0 + B/gather_Bps + B/scatter'`` (the publisher's
+      gather+hash into a ring slot, then each subscriber's scatter+hash out of it), with
+      ``scatter' = min(scatter_Bps, link_Bps)``, and on CPU tables at most
+      ``parallel_copy_Bps[K] / K``: the K subscribers copy the same bucket at the same time;
     - pipeline interval ``I0 + max(B/gather_Bps, B/scatter')``: the slowest copy stage plus
       the control work that the same threads do;
     - the publisher's process is serial (its threads and the embedded coordinator share one
@@ -264,6 +266,12 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
 
     t_g = 0.0 if direct else b_eff / g_bps
     t_s = b_eff / min(s_bps, link)
+    if table.get("kind") == "cpu":
+        # the K subscribers copy each bucket at the same time: each at 1/K of the aggregate
+        # rate of K concurrent copiers when that is lower (2 on 2 cores: 8 GB/s each, not 13)
+        agg_k, _ = _agg(table.get("parallel_copy_Bps"), k)
+        if agg_k is not None:
+            t_s = max(t_s, b_eff * k / agg_k)
     t_x = b_eff / link
     t_e = k * b_eff / float(egress) if egress else 0.0
     t_b = l0 + t_g + t_s

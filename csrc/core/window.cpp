@@ -27,7 +27,12 @@ WindowController::WindowController(const WindowConfig& cfg) : cfg_(cfg) {
   HW_CHECK_ARG(cfg.probe_every_rounds >= 0, "WindowController: probe_every_rounds=",
                cfg.probe_every_rounds, ", expected >= 0");
   window_ = std::clamp(cfg.base, cfg.min_window, cfg.max_window);
+  rate_at_.assign(static_cast<size_t>(cfg.max_window) + 2, 0.0);
 }
+
+namespace {
+constexpr double kRateGain = 0.05;  // a window "delivers more" above this relative margin
+}  // namespace
 
 int WindowController::cap() const {
   int c = cfg_.max_window;
@@ -59,6 +64,8 @@ void WindowController::on_complete(double now_s, double service_s, int64_t bytes
   HW_CHECK_ARG(bytes > 0, "WindowController: bytes=", bytes, ", expected > 0");
   est_.completions++;
   if (round_start_s_ < 0) round_start_s_ = now_s - service_s;
+  const double dispatched = now_s - service_s;
+  round_dispatch_s_ = round_dispatch_s_ < 0 ? dispatched : std::min(round_dispatch_s_, dispatched);
   round_min_s_ = round_min_s_ < 0 ? service_s : std::min(round_min_s_, service_s);
   round_bytes_ += bytes;
   round_done_++;
@@ -83,7 +90,9 @@ void WindowController::on_complete(double now_s, double service_s, int64_t bytes
 }
 
 double WindowController::close_round(double now_s, bool probe) {
-  const double elapsed = std::max(now_s - round_start_s_, 1e-9);
+  // From the round's start, or from its first bucket's dispatch when that came later: a
+  // round that spans an idle gap (between two publishes) measures its buckets, not the gap.
+  const double elapsed = std::max(now_s - std::max(round_start_s_, round_dispatch_s_), 1e-9);
   const double rate = static_cast<double>(round_bytes_) / elapsed;
   // T_min remembers at least one probe period, so a probe's fresh minimum lasts until the
   // next probe; the delivery rate uses the shorter history (and ignores draining probes).
@@ -102,6 +111,7 @@ double WindowController::close_round(double now_s, bool probe) {
   round_done_ = 0;
   round_bytes_ = 0;
   round_start_s_ = now_s;
+  round_dispatch_s_ = -1;
   round_min_s_ = -1;
   const double ratio = est_.t_ewma_s > 0 ? est_.t_min_s / est_.t_ewma_s : 1.0;
   est_.congestion = std::clamp(1.0 - ratio, 0.0, 1.0);
@@ -110,12 +120,19 @@ double WindowController::close_round(double now_s, bool probe) {
 }
 
 void WindowController::decide(double now_s) {
-  close_round(now_s, /*probe=*/false);
+  const double rate = close_round(now_s, /*probe=*/false);
   if (!cfg_.adapt) return;
   if (settle_rounds_ > 0) {
     settle_rounds_--;
     return;
   }
+  // the round right after a change is a transition: not the rate of this window yet
+  if (!changed_) {
+    double& r = rate_at_[static_cast<size_t>(window_)];
+    r = r == 0 ? rate : r + (rate - r) / 4;
+  }
+  changed_ = false;
+  const int before = window_;
   if (cfg_.probe_every_rounds > 0 && ++rounds_since_probe_ >= cfg_.probe_every_rounds &&
       window_ > cfg_.min_window) {
     rounds_since_probe_ = 0;
@@ -128,22 +145,36 @@ void WindowController::decide(double now_s) {
   const double dq = std::max(0.25 * est_.t_min_s, cfg_.target_s - est_.t_min_s);
   const bool over = est_.t_ewma_s > est_.t_min_s + dq;
   const int c = cap();
+  const int w = window_;
+  auto known = [&](int x) { return x >= 1 && x <= cfg_.max_window && rate_at_[x] > 0; };
+  // window a is known to deliver more than window b
+  auto better = [&](int a, int b) {
+    return known(a) && known(b) && rate_at_[a] > (1 + kRateGain) * rate_at_[b];
+  };
   if (over) {  // the latency budget is blown: back off multiplicatively
-    const int next = std::max(cfg_.min_window, static_cast<int>(std::floor(window_ * 0.75)));
-    if (next < window_) {
+    const int next = std::max(cfg_.min_window, static_cast<int>(std::floor(w * 0.75)));
+    if (next < w) {
       window_ = next;
       est_.downs++;
     }
-  } else if (est_.queue_buckets > cfg_.beta) {  // standing queue: one bucket less (Vegas)
-    if (window_ > cfg_.min_window) {
-      window_--;
-      est_.downs++;
-    }
-  } else if (est_.queue_buckets < cfg_.alpha && window_ < c) {  // pipe not full: one more
-    window_++;
+    std::fill(rate_at_.begin(), rate_at_.end(), 0.0);  // the path changed: measure afresh
+  } else if (w < c && better(w + 1, w)) {  // one more bucket was measured to pay
+    window_ = w + 1;
+    est_.ups++;
+  } else if (est_.queue_buckets > cfg_.beta && w > cfg_.min_window && !better(w, w - 1)) {
+    window_ = w - 1;  // standing queue and no throughput to lose: one bucket less (Vegas)
+    est_.downs++;
+  } else if (est_.queue_buckets < cfg_.alpha && w < c) {  // pipe not full: one more
+    window_ = w + 1;
+    est_.ups++;
+  } else if (w < c && known(w) && !known(w + 1) &&
+             (est_.queue_buckets > cfg_.beta || better(w, w - 1))) {
+    // the queue is the price of throughput here (or the last step up paid): try one more
+    window_ = w + 1;
     est_.ups++;
   }
   window_ = std::clamp(window_, cfg_.min_window, std::max(cfg_.min_window, c));
+  changed_ = window_ != before;
 }
 
 }  // namespace hw

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <vector>
 
 namespace hw {
 
@@ -39,6 +40,16 @@ struct WindowEstimates {
 //   a standing queue (queue > beta buckets)            -> W - 1
 //   queue < alpha buckets and W < cap (the pipe is not full)   -> W + 1
 //   otherwise hold (the dead band between alpha and beta is the hysteresis).
+// Vegas reads any latency above T_min as queueing. On a host whose pipeline stages share
+// CPUs (the publisher's gather, each subscriber's scatter, the control work) latency also
+// grows with the window while the delivery rate still rises (the stages overlap), and Vegas
+// alone settles too low (1 GiB in 4 MiB buckets, 2 subscribers on 2 cores: W=2, 1.3 s, where
+// W=4 takes 0.8 s). So the controller also remembers the delivery rate measured at each
+// window (EWMA per window, recorded from the second round at that window on) and:
+//   a known larger window delivered more than (1 + kRateGain) times this one  -> W + 1
+//   Vegas' queue shrink is skipped when the smaller window is known to deliver less;
+//   when that kept the window, or the last step up paid, an unvisited W + 1 is tried once.
+// The budget rule still wins, and clears the rate memory (the path changed).
 // Every N rounds a probe drains to min_window so that T_min is a fresh no-load latency (the
 // min-filter spans a probe period); the two rounds after a probe only refill the pipe.
 // D_q = max(0.25 T_min, target - T_min). W_bdp = ceil(X_max * T_min / S_mean) is the
@@ -77,7 +88,10 @@ class WindowController {
   int64_t round_bytes_ = 0;
   double round_start_s_ = -1;
   double round_min_s_ = -1;
+  double round_dispatch_s_ = -1;    // earliest dispatch among the round's completions
   double s_mean_ = 0, s_max_ = 0;
+  bool changed_ = false;            // the window moved at the last decision
+  std::vector<double> rate_at_;     // delivery rate by window (EWMA; 0 = not measured)
   std::deque<double> round_mins_;   // per-round minimum service time
   std::deque<double> round_rates_;  // per-round delivery rate
   WindowEstimates est_;
