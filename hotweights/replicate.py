@@ -1053,6 +1053,10 @@ class Subscriber:
         # bucket) before relaying a bucket to this node.
         self.before_scatter: Callable[[int], None] | None = None
         self.before_relay: Callable[[int, int], None] | None = None
+        # acks of all but a version's last bucket go out from here while the next bucket is
+        # read (one thread, so in order; the last ack carries the precommit and waits)
+        self._acker = concurrent.futures.ThreadPoolExecutor(1, f"hw-sub-ack-{name}")
+        self._acks: list[concurrent.futures.Future] = []
         self._thread = threading.Thread(target=self._loop, name=f"hw-sub-{name}", daemon=True)
         self._thread.start()
 
@@ -1152,6 +1156,7 @@ class Subscriber:
         after, nbytes, t_first = 0, 0, None
         deadline = t0 + self.cfg.version_timeout_s
         pending = [h for h in first if self.client_id in h.get("consumers", ())]
+        answered: set[str] = set()  # handles acked (maybe still on the way): not twice
         precommitted, t_recv = None, None
         while not self._closed and (todo or precommitted is None):
             if not pending and todo:
@@ -1165,8 +1170,8 @@ class Subscriber:
                     self._fail(version, f"get_handles failed: {e}", reject=False)
                     return None
                 after = r["last"]
-                pending = r["handles"]
-                if not pending:
+                pending = [h for h in r["handles"] if h["handle_id"] not in answered]
+                if not pending and not r["handles"]:
                     st = self.client.version(self.name, version)["state"]
                     if st != "transferring":
                         log.info("subscriber %s: version %d %s while receiving", self.name,
@@ -1224,9 +1229,17 @@ class Subscriber:
                 else:
                     event = None
                 t_recv = time.perf_counter()
-            # the precommit rides on the last bucket's ack (Note [One update])
-            r = (self.client.ack_handle(self.client_id, h["handle_id"], ok, err, precommit=last)
-                 if h is not None else {})
+            # the precommit rides on the last bucket's ack (Note [One update]); the others
+            # go out while the next bucket is read
+            r = {}
+            if h is not None:
+                answered.add(h["handle_id"])
+                if last:
+                    self._flush_acks()
+                    r = self.client.ack_handle(self.client_id, h["handle_id"], ok, err,
+                                               precommit=True)
+                else:
+                    self._acks.append(self._acker.submit(self._ack, h["handle_id"], ok, err))
             if last:
                 if "precommit_error" in r:
                     log.info("subscriber %s: version %d: %s", self.name, version,
@@ -1258,6 +1271,17 @@ class Subscriber:
             shadows=shadows, reshaped=[r for r in plan.reshaped if r[0] in shadows], bytes=nbytes,
             timings={"receive_s": t_recv - (t_first or t0), "verify_wait_s": t_commit - t_recv,
                      "total_s": t_commit - t0}, event=event)
+
+    def _ack(self, hid: str, ok: bool, err: str | None) -> None:
+        try:
+            self.client.ack_handle(self.client_id, hid, ok, err)
+        except Exception as e:  # the lease runs out instead: the publisher re-sends
+            log.warning("subscriber %s: ack of handle %s failed: %s", self.name, hid, e)
+
+    def _flush_acks(self) -> None:
+        """Waits for the acks on their way (so the precommit follows every ack)."""
+        acks, self._acks = self._acks, []
+        concurrent.futures.wait(acks, timeout=self.cfg.version_timeout_s)
 
     def _ring_of(self, publisher_id: str):
         """The publisher's ring, imported once per publisher (Note [CUDA IPC lifetime])."""
@@ -1474,6 +1498,11 @@ class Subscriber:
             return
         self._closed = True
         self._thread.join(5)
+        try:  # the acking thread's socket goes with it
+            self._acker.submit(self.client.release_thread).result(5)
+        except Exception as e:
+            log.warning("subscriber %s: releasing the acking thread failed: %s", self.name, e)
+        self._acker.shutdown(wait=False)
         if self._relay is not None:  # before the client goes: its loop long-polls with it
             self._relay.close()
             self._relay = None
