@@ -51,8 +51,9 @@ a subscriber that cannot map it (another pid namespace, say) nacks with DIRECT_U
 the version is aborted and published again at once, through the ring for that subscriber
 from then on. Direct versions are planned in buckets of at least DIRECT_BUCKET_BYTES (a
 bucket holds no memory there; each costs round trips), which is also why they cannot fall
-back to the ring bucket by bucket; their first handles travel in the version's own publish
-request. A CUDA source may opt in (direct="on"): each storage is exported once over CUDA IPC
+back to the ring bucket by bucket; their handles travel in the version's own publish request
+(up to 256 of them and ~1 MiB of piece tables; later ones are posted one by one). A CUDA
+source may opt in (direct="on"): each storage is exported once over CUDA IPC
 (ipc.CudaSourceExport) and subscribers on the publisher's GPU read it with the copy+hash
 kernel; it was written without a GPU, so "auto" leaves CUDA sources on the ring. Catch-up
 versions for late joiners, versions with remote (relayed) subscribers or subscribers on
@@ -94,6 +95,10 @@ DIRECT_UNAVAILABLE = "direct read unavailable"
 # bucket_bytes): a bucket holds no memory there, and each costs a few coordinator round trips
 # per subscriber.
 DIRECT_BUCKET_BYTES = 256 << 20
+# A direct version's handles posted with the version itself: at most this many (the protocol's
+# bound on publish(handles=...)) and about this many bytes of piece tables.
+EARLY_HANDLES = 256
+EARLY_HANDLE_BYTES = 1 << 20
 # Subscribers look for storages a publisher freed at least this often (sooner when it shares
 # new ones).
 PRUNE_EVERY_S = 2.0
@@ -770,10 +775,19 @@ class Publisher:
         self.stats["direct_buckets"] += 1
         return hid, payload
 
-    def _early_direct(self, xfer: _Transfer, limit: int = 16) -> list[dict]:
-        """The handles of a direct version's first buckets, to post with the version."""
-        out = []
+    def _early_direct(self, xfer: _Transfer, limit: int = EARLY_HANDLES,
+                      max_bytes: int = EARLY_HANDLE_BYTES) -> list[dict]:
+        """The handles of a direct version's first buckets, to post with the version: up to
+        ``limit`` of them (the protocol's bound) and about ``max_bytes`` of piece tables. A
+        direct bucket holds no slot, so there is nothing to pace: every handle that fits goes
+        in that one request instead of one request each."""
+        out, size = [], 0
         for b in range(min(limit, xfer.plan.num_buckets)):
+            p = xfer.plan.pieces(b)
+            rows = p.stop - p.start
+            if out and size + 12 * rows > max_bytes:
+                break
+            size += 12 * rows  # int32 storage index + int64 offset per piece
             hid, payload = self._direct_handle(xfer, b)
             out.append({"payload": payload, "consumers": list(xfer.plan.consumers(b)),
                         "handle_id": hid})
