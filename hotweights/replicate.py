@@ -1363,23 +1363,29 @@ class Subscriber:
         their memory can go (``alive``: a publisher known to be alive, not asked about)."""
         for cid in (set(self._rings) | set(self._source_pids)) - {alive}:
             try:
-                alive = self.client.get_client(cid).get("alive", False)
+                live = self.client.get_client(cid).get("alive", False)
             except CoordinatorError:
-                alive = False
-            if not alive:
+                live = False
+            if not live:
                 if cid in self._rings:
                     self._rings.pop(cid).close()
                 if cid in self._source_pids:
                     pid = self._source_pids.pop(cid)
-                    self._sources.drop(pid)
-                    self._cuda_sources.drop(pid)
-                    self._source_gens.pop(pid, None)
+                    # a later publisher in the same process keeps its mappings (whatever
+                    # only the gone one held is pruned once its storage is freed)
+                    if pid not in self._source_pids.values():
+                        self._sources.drop(pid)
+                        self._cuda_sources.drop(pid)
+                        self._source_gens.pop(pid, None)
+                    else:
+                        self._prune_due = True
         # storages a live publisher replaced or freed since (a stat per mapping: ~1 ms per
         # 200, so not after every version when nothing was re-shared)
         if len(self._sources) and (self._prune_due
                                    or time.monotonic() - self._pruned_at > PRUNE_EVERY_S):
             self._sources.prune()
             self._prune_due, self._pruned_at = False, time.monotonic()
+
     def _read_direct(self, owner: str, plan: Plan, b: int, d: dict,
                      shadows: dict[str, torch.Tensor]):
         """Copies bucket b straight from the publisher's shared storages into the shadows,

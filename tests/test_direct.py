@@ -159,6 +159,40 @@ def test_direct_updates_follow_aliases_and_replaced_parameters(coord):
         pub.close()
 
 
+def test_a_new_publisher_in_the_same_process_keeps_the_mappings(coord):
+    """Publisher sessions one after another in one process share its pid: when a subscriber
+    learns the first is gone it must not unmap what the second one is serving."""
+    src, dst = make_model(11), make_model(12)
+    h = dst.register_hotweights(name="m", endpoint=coord, commit="manual")
+    first = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, direct="on")
+    try:
+        h.wait(first.publish("v1").version, timeout=30)
+        first_id = first.client_id
+        first.close()
+        second = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096,
+                                      direct="on")
+        try:
+            with torch.no_grad():
+                src[0].weight.add_(1.0)
+            r = second.publish("v2")
+            h.wait(r.version, timeout=30)
+            assert same(snap(dst), snap(src))
+            end = time.monotonic() + 10  # the liveness check runs after the version is staged
+            while first_id in h._sub._source_pids and time.monotonic() < end:
+                time.sleep(0.05)
+            assert first_id not in h._sub._source_pids
+            live = len({p.untyped_storage()._cdata for p in src.parameters()})
+            assert len(h._sub._sources) == live  # still mapped: nothing to open again
+            with torch.no_grad():
+                src[0].bias.add_(1.0)
+            h.wait(second.publish("v3").version, timeout=30)
+            assert same(snap(dst), snap(src))
+        finally:
+            second.close()
+    finally:
+        h.close()
+
+
 def test_source_modified_during_direct_read_aborts_never_applies(coord):
     src, dst = make_model(3), make_model(4)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096)
