@@ -398,6 +398,9 @@ class Publisher:
         # before anything moves); registered in flight first, so no release can miss them.
         # Not with the after_gather test hook: it runs before its bucket is announced, which
         # must then be after the version exists (tests stop publishers mid-version there).
+        with self._cv:
+            if not self._inflight:  # idle since the last version: no round spans the gap
+                self.window.on_start(time.monotonic())
         early = (self._early_direct(xfer) if layout is not None and self.after_gather is None
                  else [])
         with self._cv:
@@ -963,7 +966,7 @@ class Publisher:
             self._asker.submit(self.client.release_thread).result(5)
         except Exception as e:
             log.warning("publisher %s: releasing the asking thread failed: %s", self.name, e)
-        self._asker.shutdown(wait=False)
+        self._asker.shutdown(wait=False, cancel_futures=True)
         try:
             self.client.deregister(self.client_id)
         except Exception as e:
@@ -1071,6 +1074,7 @@ class Subscriber:
         # read (one thread, so in order; the last ack carries the precommit and waits)
         self._acker = concurrent.futures.ThreadPoolExecutor(1, f"hw-sub-ack-{name}")
         self._acks: list[concurrent.futures.Future] = []
+        self._receiving: int | None = None  # the version being received, until staged
         self._thread = threading.Thread(target=self._loop, name=f"hw-sub-{name}", daemon=True)
         self._thread.start()
 
@@ -1104,13 +1108,16 @@ class Subscriber:
                         continue
                     # the newest version's event is fresh enough to stand in for a version()
                     # request (one round trip less on the critical path); older ones are not
+                    self._receiving = v
                     try:
                         self._receive(v, news[v] if v == versions[-1] else None)
-                    except Exception as e:  # this version only: refused, nothing applied
+                    except Exception as e:  # this version only: nothing applied
                         if self._closed:
                             return
                         log.exception("subscriber %s: receiving version %d failed", self.name, v)
-                        self._fail(v, f"receiving failed: {type(e).__name__}: {e}")
+                        # refused, unless it was already staged (committed: it will apply)
+                        self._fail(v, f"receiving failed: {type(e).__name__}: {e}",
+                                   reject=self._receiving == v)
         finally:
             self.client.release_thread()
 
@@ -1156,6 +1163,7 @@ class Subscriber:
             return
         self.stats["versions"] += 1
         self.stats["bytes"] += staged.bytes
+        self._receiving = None  # staged: committed, nothing to refuse any more
         if self.on_staged:
             self.on_staged(staged)
         # its publisher is alive (it just had a version committed): only other ones are asked
@@ -1172,7 +1180,9 @@ class Subscriber:
         pending = [h for h in first if self.client_id in h.get("consumers", ())]
         answered: set[str] = set()  # handles acked (maybe still on the way): not twice
         precommitted, t_recv = None, None
-        while not self._closed and (todo or precommitted is None):
+        # after the precommit, the rest of the batch is still answered (relays for the
+        # node's other subscribers, re-sends of buckets held)
+        while not self._closed and (todo or precommitted is None or pending):
             if not pending and todo:
                 if time.perf_counter() > deadline:
                     self._fail(version, f"timed out with {len(todo)} bucket(s) missing")
@@ -1365,7 +1375,10 @@ class Subscriber:
             try:
                 live = self.client.get_client(cid).get("alive", False)
             except CoordinatorError:
-                live = False
+                live = False  # not registered any more
+            except Exception as e:  # the coordinator is unreachable: ask again next time
+                log.info("subscriber %s: liveness of %s unknown: %s", self.name, cid, e)
+                continue
             if not live:
                 if cid in self._rings:
                     self._rings.pop(cid).close()
@@ -1522,7 +1535,7 @@ class Subscriber:
             self._acker.submit(self.client.release_thread).result(5)
         except Exception as e:
             log.warning("subscriber %s: releasing the acking thread failed: %s", self.name, e)
-        self._acker.shutdown(wait=False)
+        self._acker.shutdown(wait=False, cancel_futures=True)
         if self._relay is not None:  # before the client goes: its loop long-polls with it
             self._relay.close()
             self._relay = None

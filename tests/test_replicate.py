@@ -315,6 +315,29 @@ def test_a_failed_receive_refuses_that_version_only(coord):
         pub.close()
 
 
+def test_an_error_after_staging_does_not_refuse_a_committed_version(coord):
+    """Once a version is staged (committed) a later error in the receiver's housekeeping is
+    logged, not turned into a rejection of a version that will still be applied."""
+    src, m = make_model(7), make_model(8)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+
+    def housekeeping(alive=None):
+        raise ConnectionError("injected: coordinator unreachable after the commit")
+
+    h._sub._drop_dead_rings = housekeeping
+    try:
+        r = pub.publish("v1", timeout=30)
+        assert h.wait(r.version, timeout=30) == r.version
+        assert same_state(snapshot(m), snapshot(src))
+        assert Client(coord).version("m", r.version)["rejected"] == {}
+        r = pub.publish("v2", timeout=30)  # and the receiver goes on
+        assert h.wait(r.version, timeout=30) == r.version
+    finally:
+        h.close()
+        pub.close()
+
+
 def test_consumer_sets_receive_only_their_tensors(coord):
     src = make_model(8)
     a, b = make_model(9), make_model(10)

@@ -260,6 +260,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("inflight_bytes"), py::arg("next_bytes"))
       .def("on_complete", &hw::WindowController::on_complete, py::arg("now_s"),
            py::arg("service_s"), py::arg("bytes"))
+      .def("on_start", &hw::WindowController::on_start, py::arg("now_s"))
       .def_property_readonly("current", &hw::WindowController::current)
       .def_property_readonly("recommended", &hw::WindowController::recommended)
       .def_property_readonly("target", &hw::WindowController::target)

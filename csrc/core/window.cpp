@@ -58,14 +58,21 @@ int WindowController::recommended() const {
   return std::clamp(rec, cfg_.min_window, cap());
 }
 
+void WindowController::on_start(double now_s) {
+  // The pipe was idle (between two versions): the round in progress is dropped (its wall time
+  // would include the gap) and a fresh one starts now.
+  round_done_ = 0;
+  round_bytes_ = 0;
+  round_min_s_ = -1;
+  round_start_s_ = now_s;
+}
+
 void WindowController::on_complete(double now_s, double service_s, int64_t bytes) {
   HW_CHECK_ARG(service_s > 0 && std::isfinite(service_s), "WindowController: service_s=",
                service_s, ", expected a positive duration");
   HW_CHECK_ARG(bytes > 0, "WindowController: bytes=", bytes, ", expected > 0");
   est_.completions++;
   if (round_start_s_ < 0) round_start_s_ = now_s - service_s;
-  const double dispatched = now_s - service_s;
-  round_dispatch_s_ = round_dispatch_s_ < 0 ? dispatched : std::min(round_dispatch_s_, dispatched);
   round_min_s_ = round_min_s_ < 0 ? service_s : std::min(round_min_s_, service_s);
   round_bytes_ += bytes;
   round_done_++;
@@ -90,9 +97,7 @@ void WindowController::on_complete(double now_s, double service_s, int64_t bytes
 }
 
 double WindowController::close_round(double now_s, bool probe) {
-  // From the round's start, or from its first bucket's dispatch when that came later: a
-  // round that spans an idle gap (between two publishes) measures its buckets, not the gap.
-  const double elapsed = std::max(now_s - std::max(round_start_s_, round_dispatch_s_), 1e-9);
+  const double elapsed = std::max(now_s - round_start_s_, 1e-9);
   const double rate = static_cast<double>(round_bytes_) / elapsed;
   // T_min remembers at least one probe period, so a probe's fresh minimum lasts until the
   // next probe; the delivery rate uses the shorter history (and ignores draining probes).
@@ -111,7 +116,6 @@ double WindowController::close_round(double now_s, bool probe) {
   round_done_ = 0;
   round_bytes_ = 0;
   round_start_s_ = now_s;
-  round_dispatch_s_ = -1;
   round_min_s_ = -1;
   const double ratio = est_.t_ewma_s > 0 ? est_.t_min_s / est_.t_ewma_s : 1.0;
   est_.congestion = std::clamp(1.0 - ratio, 0.0, 1.0);

@@ -62,6 +62,9 @@ class WindowController {
 
   /// True when a bucket of next_bytes may start with the given load in flight.
   bool can_admit(int inflight_buckets, int64_t inflight_bytes, int64_t next_bytes) const;
+  /// Streaming starts after an idle gap (a new version): the partial round is dropped so
+  /// that no round's delivery rate includes the gap.
+  void on_start(double now_s);
   /// Feeds one completed bucket: now_s (monotonic), its service time and size.
   void on_complete(double now_s, double service_s, int64_t bytes);
 
@@ -88,7 +91,6 @@ class WindowController {
   int64_t round_bytes_ = 0;
   double round_start_s_ = -1;
   double round_min_s_ = -1;
-  double round_dispatch_s_ = -1;    // earliest dispatch among the round's completions
   double s_mean_ = 0, s_max_ = 0;
   bool changed_ = false;            // the window moved at the last decision
   std::vector<double> rate_at_;     // delivery rate by window (EWMA; 0 = not measured)

@@ -427,8 +427,9 @@ class State:
                 and len(a["plan"]) <= INLINE_PLAN_BYTES):
             inline["plan"] = a["plan"]
         if hids and self.s.inline_payloads:
-            views = [self._view_handle(self.handles[hid], now) for hid in hids
-                     if hid in self.handles]
+            views = [{**self._view_handle(self.handles[hid], now),
+                      "consumers": self.handles[hid]["consumers"]}
+                     for hid in hids if hid in self.handles]
             if views and len(pack(views)) <= INLINE_HANDLE_BYTES:
                 inline["handles"] = views
         self._event(model, "version", version=v, label=a["label"], parent=a["parent"],
@@ -697,7 +698,7 @@ class State:
     @staticmethod
     def _view_handle(h: dict, now: float) -> dict:
         return {"handle_id": h["handle_id"], "owner": h["owner"], "version": h["version"],
-                "payload": h["payload"], "seq": h["seq"], "consumers": h["consumers"],
+                "payload": h["payload"], "seq": h["seq"],
                 "expires_in": round(h["expires_at"] - now, 3)}
 
     def ack_handle(self, a: dict) -> dict:
