@@ -218,7 +218,12 @@ class HotweightsHandle:
                     raise TimeoutError(f"hotweights {self.name!r}: version {target} not committed "
                                        f"within {timeout} s (applied: {self.version})")
                 self._cv.wait(left if left is not None else 1.0)
-        return self._apply(None if end is None else max(0.0, end - time.monotonic())) if apply else s.version
+        if not apply:
+            return s.version
+        got = self._apply(None if end is None else max(0.0, end - time.monotonic()))
+        if got is None and target in self.refused:  # dropped when applied (Note [Delta base])
+            raise UpdateError(f"version {target}: {self.refused[target]}")
+        return got
 
     def commit_collective(self, group=None, timeout: float | None = None) -> int | None:
         """The safe barrier of data-parallel replicas: every rank of ``group`` (a
@@ -269,6 +274,17 @@ class HotweightsHandle:
         with self._cv:
             staged, self._staged = self._staged, None
         if staged is None:
+            return None
+        if staged.base is not None and staged.base != self.version:
+            # Note [Delta base] (replicate.py): a version applied while this one was received
+            # makes its delta wrong here; dropped, never applied (the next version is planned
+            # from the version applied here)
+            msg = (f"planned as a delta from version {staged.base}, but version {self.version} "
+                   "was applied meanwhile; dropped (the next version is planned from it)")
+            log.warning("hotweights %s: version %d %s", self.name, staged.version, msg)
+            self._sub.recycle(staged.shadows)
+            self._on_error(staged.version, msg)
+            self._sub.report_applied()
             return None
         # Everything that could refuse the version is checked before the first swap.
         for name, shadow in staged.shadows.items():

@@ -1008,6 +1008,7 @@ class StagedVersion:
     timings: dict[str, float]
     bytes: int
     event: Any = None                # CUDA: the receive stream's completion event
+    base: int | None = None          # the version its delta was planned from (None: full)
 
 
 class Subscriber:
@@ -1147,7 +1148,7 @@ class Subscriber:
         raw = event.get("plan") if event is not None else None  # small plans ride along
         plan = Plan.from_bytes(raw if isinstance(raw, bytes) else self.client.plan(self.name, version))
         mine = plan.tensors_for(self.client_id)
-        problems = self._check_model(plan, mine)
+        problems = self._check_model(plan, mine) or self._check_base(plan)
         if problems:
             self._fail(version, problems)
             return
@@ -1294,7 +1295,8 @@ class Subscriber:
             version=version, label=info.get("label"), names=[plan.names[i] for i in mine],
             shadows=shadows, reshaped=[r for r in plan.reshaped if r[0] in shadows], bytes=nbytes,
             timings={"receive_s": t_recv - (t_first or t0), "verify_wait_s": t_commit - t_recv,
-                     "total_s": t_commit - t0}, event=event)
+                     "total_s": t_commit - t0}, event=event,
+            base=plan.bases.get(self.client_id))
 
     def _ack(self, hid: str, ok: bool, err: str | None) -> None:
         try:
@@ -1447,6 +1449,28 @@ class Subscriber:
                            "publish?)"), None
         self.stats["direct_buckets"] += 1
         return True, None, partials
+
+    def _check_base(self, plan: Plan) -> str | None:
+        """Note [Delta base]: a delta planned from version b is right only on top of b. The
+        publisher reads each subscriber's applied version before planning; if this subscriber
+        applied a newer one since (its staged version, at a forward), tensors that changed in
+        that one and back in this one would not be sent and keep the wrong values: refuse
+        (the version commits for the others; the next one is planned from what is applied
+        here). Checked again when the version is applied (module.py)."""
+        base = plan.bases.get(self.client_id)
+        if base is not None and self.version is not None and base != self.version:
+            self.report_applied()  # in case the coordinator missed it: the next plan is right
+            return (f"planned as a delta from version {base}, but version {self.version} is "
+                    "applied here; the next version is planned from it")
+        return None
+
+    def report_applied(self) -> None:
+        """Tells the coordinator which version is applied here (what publishers plan from)."""
+        try:
+            self.client.applied(self.client_id, self.name, self.version)
+        except Exception as e:
+            log.warning("subscriber %s: reporting applied version %s failed: %s", self.name,
+                        self.version, e)
 
     def _check_model(self, plan: Plan, mine: list[int]) -> str | None:
         """The model must match the manifest for the tensors this subscriber receives."""

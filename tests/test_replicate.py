@@ -338,6 +338,49 @@ def test_an_error_after_staging_does_not_refuse_a_committed_version(coord):
         pub.close()
 
 
+def test_a_version_applied_during_a_receive_never_leaves_a_wrong_delta(coord):
+    """Note [Delta base]: the publisher plans v3 from the version the subscriber has applied
+    (v1) while the subscriber applies its staged v2 during v3's receive. v3 puts back v1's
+    value of a tensor that v2 changed, so its delta from v1 does not carry that tensor: applied
+    on top of v2 it would leave v2's value. The subscriber must drop v3 (never apply it), and
+    v4, planned from v2, must bring it to the publisher's exact state."""
+    src, m = make_model(21), make_model(22)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, serve_late=False)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    try:
+        h.wait(pub.publish("v1").version, timeout=30)
+        w1 = src[0].weight.detach().clone()
+        with torch.no_grad():
+            src[0].weight.add_(1.0)  # v2 changes 0.weight
+        r2 = pub.publish("v2")
+        h.wait(r2.version, timeout=30, apply=False)  # staged, not applied: still at v1
+        assert h.version == 1
+        applied_during = []
+
+        def apply_v2_now(b):  # the subscriber's forward applies v2 while v3 is received
+            if not applied_during:
+                applied_during.append(h.commit())
+
+        h._sub.before_scatter = apply_v2_now
+        with torch.no_grad():
+            src[0].weight.copy_(w1)  # v3: 0.weight back to v1's value
+            src[4].bias.add_(1.0)
+        r3 = pub.publish("v3")
+        assert r3.state == "committed" and applied_during == [2]
+        with pytest.raises(UpdateError, match="planned as a delta from version 1"):
+            h.wait(r3.version, timeout=30)
+        assert h.version == 2  # v3 dropped, nothing of it applied
+        h._sub.before_scatter = None
+        with torch.no_grad():
+            src[2].bias.add_(1.0)
+        r4 = pub.publish("v4")
+        assert h.wait(r4.version, timeout=30) == r4.version
+        assert same_state(snapshot(m), snapshot(src))
+    finally:
+        h.close()
+        pub.close()
+
+
 def test_consumer_sets_receive_only_their_tensors(coord):
     src = make_model(8)
     a, b = make_model(9), make_model(10)
