@@ -1056,7 +1056,7 @@ class Subscriber:
         self._closed = False
         self.errors: list[tuple[int, str]] = []
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0,
-                      "direct_buckets": 0}
+                      "direct_buckets": 0, "ack_failures": 0}
         self.metrics = _metrics.SubscriberMetrics(name)
         self._rings: dict[str, Any] = {}          # owner client id -> ring import
         self._sources = SourceMaps()              # publishers' storages (Note [Direct reads])
@@ -1302,6 +1302,7 @@ class Subscriber:
         try:
             self.client.ack_handle(self.client_id, hid, ok, err)
         except Exception as e:  # the lease runs out instead: the publisher re-sends
+            self.stats["ack_failures"] += 1
             log.warning("subscriber %s: ack of handle %s failed: %s", self.name, hid, e)
 
     def _flush_acks(self) -> None:

@@ -381,6 +381,39 @@ def test_a_version_applied_during_a_receive_never_leaves_a_wrong_delta(coord):
         pub.close()
 
 
+def test_a_lost_ack_costs_a_lease_not_the_version(coord):
+    """Acks of all but the last bucket go out from a helper thread; one that fails is counted
+    and its handle runs out its lease (the publisher's slot comes back); the version commits
+    and the weights are exact."""
+    from hotweights.coordinator import CoordinatorError
+
+    src, m = make_model(31), make_model(32)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, direct="off")
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    real, lost = h._sub.client.ack_handle, []
+
+    def flaky(cid, hid, ok=True, error=None, precommit=False):
+        if not precommit and not lost:
+            lost.append(hid)
+            raise CoordinatorError("unavailable", "injected: the ack was lost")
+        return real(cid, hid, ok, error, precommit=precommit)
+
+    h._sub.client.ack_handle = flaky
+    try:
+        r = pub.publish("v1", timeout=30)
+        assert r.state == "committed" and r.buckets > 2 and len(lost) == 1
+        assert h.wait(r.version, timeout=30) == r.version
+        assert same_state(snapshot(m), snapshot(src))
+        assert h._sub.stats["ack_failures"] == 1
+        end = time.monotonic() + 10  # the lease (3 s here) gives the slot back
+        while len(pub._free) < pub.slots and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(pub._free) == pub.slots
+    finally:
+        h.close()
+        pub.close()
+
+
 def test_consumer_sets_receive_only_their_tensors(coord):
     src = make_model(8)
     a, b = make_model(9), make_model(10)
