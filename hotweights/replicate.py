@@ -962,11 +962,7 @@ class Publisher:
         for t in (self._releaser, self._watcher):
             if t is not None:
                 t.join(5)
-        try:  # the asking thread's socket goes with it
-            self._asker.submit(self.client.release_thread).result(5)
-        except Exception as e:
-            log.warning("publisher %s: releasing the asking thread failed: %s", self.name, e)
-        self._asker.shutdown(wait=False, cancel_futures=True)
+        _retire(self._asker, self.client, f"publisher {self.name}")
         try:
             self.client.deregister(self.client_id)
         except Exception as e:
@@ -985,6 +981,16 @@ class Publisher:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _retire(pool: concurrent.futures.ThreadPoolExecutor, client: Client, who: str) -> None:
+    """Stops a one-thread helper that talks to the coordinator: its socket is closed from its
+    own thread (after the work queued before), then what is still queued is dropped."""
+    try:
+        pool.submit(client.release_thread).result(5)
+    except Exception as e:
+        log.warning("%s: releasing a helper thread failed: %s", who, e)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _pid() -> int:
@@ -1204,29 +1210,11 @@ class Subscriber:
                         return None
                     continue
             h = pending.pop(0) if pending else None
-            ok, err, partials, b = True, None, None, None
+            ok, err = True, None
             if h is not None:
-                p = h["payload"]
-                b = int(p["bucket"])
                 t_first = t_first or time.perf_counter()
-                rinfo = (p.get("relay") or {}).get(self.client_id)
-                if rinfo is not None:  # we are our node's leader for this bucket
-                    ok, err, partials = self._relay_bucket(version, plan, b, h, rinfo, shadows,
-                                                           b in todo)
-                elif b in todo:  # else a re-send of a bucket we already hold: just ack it
-                    if self.before_scatter is not None:
-                        self.before_scatter(b)
-                    if "direct" in p:
-                        ok, err, partials = self._read_direct(h["owner"], plan, b, p["direct"],
-                                                              shadows)
-                    else:
-                        try:
-                            src_ring = self._ring_of(h["owner"])
-                        except Exception as e:
-                            ok, err = False, f"cannot import the ring of {h['owner']}: {e}"
-                        else:
-                            ok, err, partials = self._scatter(src_ring, plan, b, int(p["slot"]),
-                                                              int(p["digest"]), shadows)
+                b = int(h["payload"]["bucket"])
+                ok, err, partials = self._take(version, plan, h, b, b in todo, shadows)
                 if ok and partials is not None:
                     np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
                     todo.discard(b)
@@ -1237,17 +1225,12 @@ class Subscriber:
                     log.warning("subscriber %s: %s", self.name, err)
             last = not todo and precommitted is None
             if last:
-                # End to end: every tensor's pieces add up to the manifest's checksum.
-                for i in mine:
-                    got = ops.tensor_digest([acc[i]], int(plan.nbytes[i]))
-                    if got != int(plan.checksums[i]):
-                        self.metrics.tensor_mismatch()
-                        if h is not None:
-                            self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
-                        self._fail(version, f"tensor {plan.names[i]!r} arrived with checksum "
-                                            f"{got:016x}, the manifest says "
-                                            f"{int(plan.checksums[i]):016x}")
-                        return None
+                bad = self._end_to_end(plan, mine, acc)
+                if bad is not None:
+                    if h is not None:
+                        self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
+                    self._fail(version, bad)
+                    return None
                 if self._stream is not None:
                     event = torch.cuda.Event()
                     event.record(self._stream)
@@ -1297,6 +1280,37 @@ class Subscriber:
             timings={"receive_s": t_recv - (t_first or t0), "verify_wait_s": t_commit - t_recv,
                      "total_s": t_commit - t0}, event=event,
             base=plan.bases.get(self.client_id))
+
+    def _take(self, version: int, plan: Plan, h: dict, b: int, needed: bool,
+              shadows: dict[str, torch.Tensor]):
+        """Handles one bucket's handle: relays it (we lead our node for it), reads it (directly
+        or out of the publisher's ring) when ``needed``, else nothing (a re-send of a bucket
+        held: it is just acked). Returns (ok, error, partial digests or None)."""
+        p = h["payload"]
+        rinfo = (p.get("relay") or {}).get(self.client_id)
+        if rinfo is not None:
+            return self._relay_bucket(version, plan, b, h, rinfo, shadows, needed)
+        if not needed:
+            return True, None, None
+        if self.before_scatter is not None:
+            self.before_scatter(b)
+        if "direct" in p:
+            return self._read_direct(h["owner"], plan, b, p["direct"], shadows)
+        try:
+            src_ring = self._ring_of(h["owner"])
+        except Exception as e:
+            return False, f"cannot import the ring of {h['owner']}: {e}", None
+        return self._scatter(src_ring, plan, b, int(p["slot"]), int(p["digest"]), shadows)
+
+    def _end_to_end(self, plan: Plan, mine: list[int], acc: np.ndarray) -> str | None:
+        """Every tensor's pieces must add up to the manifest's checksum; else why not."""
+        for i in mine:
+            got = ops.tensor_digest([acc[i]], int(plan.nbytes[i]))
+            if got != int(plan.checksums[i]):
+                self.metrics.tensor_mismatch()
+                return (f"tensor {plan.names[i]!r} arrived with checksum {got:016x}, the "
+                        f"manifest says {int(plan.checksums[i]):016x}")
+        return None
 
     def _ack(self, hid: str, ok: bool, err: str | None) -> None:
         try:
@@ -1556,11 +1570,7 @@ class Subscriber:
             return
         self._closed = True
         self._thread.join(5)
-        try:  # the acking thread's socket goes with it
-            self._acker.submit(self.client.release_thread).result(5)
-        except Exception as e:
-            log.warning("subscriber %s: releasing the acking thread failed: %s", self.name, e)
-        self._acker.shutdown(wait=False, cancel_futures=True)
+        _retire(self._acker, self.client, f"subscriber {self.name}")
         if self._relay is not None:  # before the client goes: its loop long-polls with it
             self._relay.close()
             self._relay = None

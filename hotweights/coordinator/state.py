@@ -713,15 +713,15 @@ class State:
         if cid not in h["consumers"]:
             raise _err("forbidden", f"ack_handle: client {cid!r} is not a consumer of handle "
                                     f"{a['handle_id']!r}")
-        pc = None
-        if a["precommit"] and a["ok"]:  # validated before anything changes
+        precommit, refused = a["precommit"] and a["ok"], None
+        if precommit:  # validated before anything changes
             self._member(cid, h["model"], "subscriber", "ack_handle with precommit")
-            vrec = self._version(h["model"], h["version"])
-            pc = {"client_id": cid, "model": h["model"], "version": h["version"]}
             try:
-                self._check_precommit(vrec, cid)
+                self._check_precommit(self._version(h["model"], h["version"]), cid)
             except CoordinatorError as e:
-                pc = e.message
+                if e.code != "bad_state":
+                    raise
+                refused = e.message
         if a["ok"]:
             if cid not in h["acked"]:
                 h["acked"].append(cid)
@@ -734,12 +734,13 @@ class State:
             self.count("handles.nacked")
         self._put_handle(h)
         self.woken_models.add(h["model"])
-        released = self._maybe_release(h)
-        if isinstance(pc, dict):
-            return {"known": True, "released": released, **self.precommit(pc)}
-        if isinstance(pc, str):
-            return {"known": True, "released": released, "precommit_error": pc}
-        return {"known": True, "released": released}
+        out = {"known": True, "released": self._maybe_release(h)}
+        if refused is not None:
+            out["precommit_error"] = refused
+        elif precommit:
+            out.update(self.precommit({"client_id": cid, "model": h["model"],
+                                       "version": h["version"]}))
+        return out
 
     def _refused(self, h: dict) -> dict:
         """Consumers that rejected the handle's version: they will never take the handle."""
