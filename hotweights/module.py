@@ -284,7 +284,7 @@ class HotweightsHandle:
             log.warning("hotweights %s: version %d %s", self.name, staged.version, msg)
             self._sub.recycle(staged.shadows)
             self._on_error(staged.version, msg)
-            self._sub.report_applied()
+            self._sub.report_applied(behind=True)  # the publisher serves a catch-up
             return None
         # Everything that could refuse the version is checked before the first swap.
         for name, shadow in staged.shadows.items():
@@ -329,10 +329,7 @@ class HotweightsHandle:
         self.version = staged.version
         self._sub.version = staged.version
         self._sub.metrics.applied(staged.version, pause, self._sub.current_version)
-        try:
-            self._sub.client.applied(self.client_id, self.name, staged.version)
-        except Exception as e:
-            log.warning("hotweights %s: reporting applied version failed: %s", self.name, e)
+        self._sub.report_applied()
         kv_plan = None
         if self.kv_layers is not None:
             from . import kv

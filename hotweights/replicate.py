@@ -901,9 +901,10 @@ class Publisher:
         xfer.retry.append(b)
 
     def _late_join_loop(self) -> None:
-        """Watches the model's events; when a subscriber registers (or every few seconds),
-        serves subscribers that are behind the current version."""
-        after, last_check = 0, 0.0
+        """Watches the model's events; when a subscriber registers or asks for a catch-up (or
+        every few seconds), serves subscribers that are behind the current version. A request
+        that comes while a publish runs is served right after it."""
+        after, last_check, pending = 0, 0.0, False
         try:
             while not self._closed:
                 try:
@@ -914,39 +915,44 @@ class Publisher:
                     time.sleep(0.5)
                     continue
                 after = ev["last"]
-                joined = any(e.get("type") == "client" and e.get("role") == "subscriber"
-                             and e.get("action") in ("joined", "rejoined")
-                             for e in ev["events"])
+                pending = pending or any(
+                    e.get("type") == "client" and e.get("role") == "subscriber"
+                    and e.get("action") in ("joined", "rejoined", "behind") for e in ev["events"])
                 now = time.monotonic()
-                if self.version is not None and (joined or now - last_check > 5.0):
+                if self.version is not None and (pending or now - last_check > 5.0):
                     last_check = now
-                    self._serve_laggards()
+                    if self._serve_laggards():
+                        pending = False
         finally:
             self.client.release_thread()
 
-    def _serve_laggards(self) -> None:
+    def _serve_laggards(self) -> bool:
         """Publishes a catch-up version when a live subscriber holds neither the current version
-        nor a vote on it (it joined later). Subscribers that refused it are not retried."""
+        nor a vote on it (it joined later), or said it dropped a version it could not apply
+        (``behind``, Note [Delta base]). Subscribers that refused a version are not retried.
+        False when a publish was running (it serves late joiners anyway; the caller asks
+        again for the ones that are behind)."""
         if self._closed or not self._lock.acquire(blocking=False):
-            return  # a publish is running: it serves everyone anyway
+            return False
         try:
             info = self.client.version(self.name, self.version)
             if info["state"] != "committed":
-                return
+                return True
             settled = set(info.get("applied", [])) | set(info.get("precommitted", [])) | set(
                 info.get("rejected", {}))
             behind = [c for c in self.client.clients(self.name)
-                      if c["role"] == "subscriber" and c["alive"] and c["client_id"] not in settled
-                      and c["version"] != self.version]
+                      if c["role"] == "subscriber" and c["alive"] and c["version"] != self.version
+                      and (c.get("behind") or c["client_id"] not in settled)]
             if not behind:
-                return
-            log.info("publisher %s: %d subscriber(s) joined after version %s: catch-up",
+                return True
+            log.info("publisher %s: %d subscriber(s) behind version %s: catch-up",
                      self.name, len(behind), self.version)
             try:
                 # through the ring: training may go on while it streams (Note [Direct reads])
                 self._publish(f"catch-up of v{self.version}", self.cfg.version_timeout_s)
             except Exception as e:
                 log.warning("publisher %s: catch-up failed: %s", self.name, e)
+            return True
         finally:
             self._lock.release()
 
@@ -1154,9 +1160,12 @@ class Subscriber:
         raw = event.get("plan") if event is not None else None  # small plans ride along
         plan = Plan.from_bytes(raw if isinstance(raw, bytes) else self.client.plan(self.name, version))
         mine = plan.tensors_for(self.client_id)
-        problems = self._check_model(plan, mine) or self._check_base(plan)
+        wrong_base = self._check_base(plan)
+        problems = self._check_model(plan, mine) or wrong_base
         if problems:
             self._fail(version, problems)
+            if problems is wrong_base:  # after the refusal, which would clear it
+                self.report_applied(behind=True)
             return
         buckets = plan.buckets_for(self.client_id)
         shadows = self._shadows(plan, mine)
@@ -1471,18 +1480,23 @@ class Subscriber:
         applied a newer one since (its staged version, at a forward), tensors that changed in
         that one and back in this one would not be sent and keep the wrong values: refuse
         (the version commits for the others; the next one is planned from what is applied
-        here). Checked again when the version is applied (module.py)."""
+        here). Checked again when the version is applied (module.py). Either way the
+        subscriber then reports its applied version with ``behind=True``: the publisher serves
+        it a catch-up at once (as a late joiner) instead of leaving it a version behind until
+        the next publish."""
         base = plan.bases.get(self.client_id)
         if base is not None and self.version is not None and base != self.version:
-            self.report_applied()  # in case the coordinator missed it: the next plan is right
             return (f"planned as a delta from version {base}, but version {self.version} is "
                     "applied here; the next version is planned from it")
         return None
 
-    def report_applied(self) -> None:
-        """Tells the coordinator which version is applied here (what publishers plan from)."""
+    def report_applied(self, behind: bool = False) -> None:
+        """Tells the coordinator which version is applied here (what publishers plan from);
+        ``behind``: a newer committed version was dropped here, a catch-up is wanted."""
+        if self.version is None:
+            return
         try:
-            self.client.applied(self.client_id, self.name, self.version)
+            self.client.applied(self.client_id, self.name, self.version, behind=behind)
         except Exception as e:
             log.warning("subscriber %s: reporting applied version %s failed: %s", self.name,
                         self.version, e)

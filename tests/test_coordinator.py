@@ -442,6 +442,36 @@ def test_reject_leaves_the_quorum(hm):
     assert cl.current("m") == v
 
 
+def test_behind_asks_for_a_catch_up_until_the_next_vote(h):
+    """applied(behind=True): a subscriber that dropped a committed version asks for a catch-up;
+    its record says so (with a `client behind` event) until its next precommit, reject or
+    applied - so a refused catch-up is never asked for again."""
+    c, cl, pub, (s1, s2) = _setup(h)
+    v1 = cl.publish(pub, "m", b"m1")["version"]
+    for s in (s1, s2):
+        cl.precommit(s, "m", v1)
+    for s in (s1, s2):
+        cl.applied(s, "m", v1)
+    v2 = cl.publish(pub, "m", b"m2")["version"]
+    for s in (s1, s2):
+        cl.precommit(s, "m", v2)
+    seen = cl.events("m")["last"]
+    cl.applied(s1, "m", v1, behind=True)  # s1 dropped v2
+    ev = [e for e in cl.events("m", after=seen)["events"] if e["type"] == "client"]
+    assert [(e["action"], e["client_id"], e["version"]) for e in ev] == [("behind", s1, v1)]
+    view = {r["client_id"]: r for r in cl.clients("m")}
+    assert view[s1]["behind"] and view[s1]["version"] == v1 and not view[s2]["behind"]
+    v3 = cl.publish(pub, "m", b"m3")["version"]  # the catch-up
+    cl.precommit(s1, "m", v3)
+    assert not cl.get_client(s1)["behind"]
+    cl.applied(s1, "m", v1, behind=True)
+    cl.reject(s1, "m", v3, "no")  # a refusal ends the request too
+    assert not cl.get_client(s1)["behind"]
+    with pytest.raises(CoordinatorError) as ei:
+        cl.applied(s1, "m", v1, behind="yes")
+    assert ei.value.code == "bad_args" and "behind" in str(ei.value)
+
+
 def test_empty_required_set_commits_at_once(hm):
     c, cl, pub, _ = _setup(hm, n_subs=0)
     assert cl.version("m", cl.publish(pub, "m", b"m")["version"])["state"] == "committed"

@@ -381,6 +381,53 @@ def test_a_version_applied_during_a_receive_never_leaves_a_wrong_delta(coord):
         pub.close()
 
 
+def test_a_dropped_delta_is_followed_by_a_catch_up(coord):
+    """Note [Delta base] with the publisher serving late subscribers (the default): the
+    subscriber that dropped v3 asks for a catch-up (applied(behind=True)) and the publisher
+    publishes one at once, with no new publish from the trainer: the subscriber reaches the
+    publisher's exact state; the other subscriber, already current, receives nothing."""
+    src, m, other = make_model(23), make_model(24), make_model(25)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    h2 = other.register_hotweights(name="m", endpoint=coord, commit="manual")
+    try:
+        v1 = pub.publish("v1").version
+        h.wait(v1, timeout=30)
+        h2.wait(v1, timeout=30)
+        w1 = src[0].weight.detach().clone()
+        with torch.no_grad():
+            src[0].weight.add_(1.0)
+        r2 = pub.publish("v2")
+        h.wait(r2.version, timeout=30, apply=False)
+        h2.wait(r2.version, timeout=30)
+
+        def apply_v2_now(b):
+            h._sub.before_scatter = None
+            h.commit()
+
+        h._sub.before_scatter = apply_v2_now
+        with torch.no_grad():
+            src[0].weight.copy_(w1)
+            src[4].bias.add_(1.0)
+        r3 = pub.publish("v3")
+        assert r3.state == "committed"
+        h2.wait(r3.version, timeout=30)
+        with pytest.raises(UpdateError, match="planned as a delta from version 1"):
+            h.wait(r3.version, timeout=30)
+        assert h.version == 2
+        catch_up = r3.version + 1  # published by the publisher's own thread
+        assert h.wait(catch_up, timeout=30) == catch_up
+        assert same_state(snapshot(m), snapshot(src))
+        assert h2.wait(catch_up, timeout=30) == catch_up
+        assert h2.last_commit.bytes == 0 and h.last_commit.bytes > 0
+        assert same_state(snapshot(other), snapshot(src))
+        assert not Client(coord).get_client(h.client_id)["behind"]
+    finally:
+        h.close()
+        h2.close()
+        pub.close()
+
+
 def test_a_lost_ack_costs_a_lease_not_the_version(coord):
     """Acks of all but the last bucket go out from a helper thread; one that fails is counted
     and its handle runs out its lease (the publisher's slot comes back); the version commits

@@ -418,10 +418,12 @@ class Client:
         return self._as(client_id, "abort", {"client_id": client_id, "model": model,
                                              "version": version, "reason": reason})
 
-    def applied(self, client_id: str, model: str, version: int) -> dict:
-        """This subscriber now serves ``version``."""
+    def applied(self, client_id: str, model: str, version: int, behind: bool = False) -> dict:
+        """This subscriber now serves ``version``. ``behind``: it dropped or refused a newer
+        committed version it cannot apply on top of this one (Note [Delta base]) and asks the
+        publisher for a catch-up."""
         return self._as(client_id, "applied", {"client_id": client_id, "model": model,
-                                               "version": version})
+                                               "version": version, "behind": behind})
 
     def events(self, model: str, after: int = 0, wait_ms: int = 0) -> dict:
         """Events of ``model`` with seq > ``after``; waits up to ``wait_ms`` for the first."""

@@ -243,6 +243,7 @@ class State:
         return {**{k: rec[k] for k in ("client_id", "role", "model", "node", "device", "consumer",
                                        "capabilities", "alive", "version", "state", "registered",
                                        "progress")},
+                "behind": bool(rec.get("behind", False)),
                 "last_seen_ago_s": round(now - self.seen.get(cid, now), 3)}
 
     def _view_version(self, rec: dict) -> dict:
@@ -511,7 +512,7 @@ class State:
         if cid not in vrec["precommitted"]:
             vrec["precommitted"].append(cid)
             self._put_version(vrec)
-            rec["state"] = "precommitted"
+            rec["state"], rec["behind"] = "precommitted", False
             self._put_client(rec)
             self._event(a["model"], "precommit", version=vrec["version"], client_id=cid)
             self._evaluate(vrec)
@@ -536,7 +537,7 @@ class State:
             if cid in vrec["precommitted"]:
                 vrec["precommitted"].remove(cid)
             self._put_version(vrec)
-            rec["state"] = "rejected"
+            rec["state"], rec["behind"] = "rejected", False  # refusals are not retried
             self._put_client(rec)
             self._event(a["model"], "reject", version=vrec["version"], client_id=cid,
                         reason=a["reason"])
@@ -566,11 +567,15 @@ class State:
                                     f"{a['model']!r} is {vrec['state']}, not committed")
         cid = rec["client_id"]
         rec["version"], rec["state"] = vrec["version"], "applied"
+        rec["behind"] = bool(a["behind"])
         self._put_client(rec)
         if cid not in vrec["applied"]:
             vrec["applied"].append(cid)
             self._put_version(vrec)
             self._event(a["model"], "applied", version=vrec["version"], client_id=cid)
+        if rec["behind"]:  # publishers serve it a catch-up (replicate.py, Note [Delta base])
+            self._event(a["model"], "client", action="behind", client_id=cid, role=rec["role"],
+                        node=rec["node"], device=rec["device"], version=vrec["version"])
         return {"state": vrec["state"]}
 
     def _evaluate(self, vrec: dict) -> None:
