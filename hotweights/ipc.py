@@ -14,6 +14,7 @@ import mmap
 import os
 import resource
 import threading
+import weakref
 import warnings
 from typing import Any
 
@@ -87,6 +88,7 @@ class SlotRing:
             arr = _CudaArray(self._impl.ptr, self.slot_bytes * self.slots, self._impl)
             self._buf = torch.as_tensor(arr, device=self.device)
             self.id = self._impl.id
+            _own_rings[self.id] = self  # CUDA IPC cannot import in the exporting process
         else:
             raise ValueError(f"SlotRing: device {self.device} is not supported (cpu or cuda)")
         self._handle = msgpack.packb({
@@ -226,11 +228,48 @@ def ring_info(handle: bytes) -> dict[str, Any]:
 # mapping can be opened only once per process anyway).
 _cache: dict[tuple[str, str], RingImport] = {}
 _cache_lock = threading.Lock()
+_own_rings: "weakref.WeakValueDictionary[str, SlotRing]" = weakref.WeakValueDictionary()
 
 
-def open_ring(handle: bytes, device: str | torch.device | None = None) -> RingImport:
-    """Imports a ring, or returns this process's existing import of it."""
+class _OwnRing:
+    """A subscriber's view of a CUDA ring that its own process exported (a publisher and a
+    subscriber in one process): CUDA IPC cannot open a mapping in the exporting process, and
+    needs none. The publisher synchronizes its stream before it posts a slot's handle, so
+    there is nothing to wait for."""
+
+    kind = "cuda"
+
+    def __init__(self, ring: SlotRing, device: str | torch.device | None):
+        self._ring = ring
+        self._impl = ring._impl
+        self.id, self.slots, self.slot_bytes = ring.id, ring.slots, ring.slot_bytes
+        dev = torch.device(device) if device is not None else ring.device
+        self.device = dev if dev.type == "cuda" else ring.device
+
+    @property
+    def source_device(self) -> torch.device:
+        return self._ring.device
+
+    def slot(self, i: int) -> torch.Tensor:
+        return self._ring.slot(i)
+
+    def wait(self, i: int) -> None:
+        _check_slot(i, self.slots)
+
+    def stale(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._ring = self._impl = None
+
+
+def open_ring(handle: bytes, device: str | torch.device | None = None) -> RingImport | _OwnRing:
+    """Imports a ring, or returns this process's existing import of it (or, for a CUDA ring
+    this process exported, a view of the ring itself)."""
     info = ring_info(handle)
+    own = _own_rings.get(info["id"]) if info["kind"] == "cuda" else None
+    if own is not None:
+        return _OwnRing(own, device)
     key = (info["id"], str(device))
     with _cache_lock:
         imp = _cache.get(key)

@@ -137,6 +137,7 @@ class HotweightsHandle:
         # The objects the publisher's names refer to: parameters and buffers, by state-dict name.
         self._targets = dict(model.state_dict(keep_vars=True))
         self._lock = _ForwardLock()
+        self._applying = threading.Lock()  # one apply at a time: take, check, swap, record
         self._cv = threading.Condition()
         self._staged: StagedVersion | None = None
         self._frozen = False  # commit_collective: no new staging between agreement and apply
@@ -169,10 +170,13 @@ class HotweightsHandle:
         with self._cv:
             while self._frozen:
                 self._cv.wait()
-            old, self._staged = self._staged, staged
+            freed = {}
+            if self._staged is not None:  # not applied yet: merged or replaced (Note [Delta base])
+                staged, freed = staged.onto(self._staged)
+            self._staged = staged
             self._cv.notify_all()
-        if old is not None:  # superseded before it was applied: its buffers go back to the pool
-            self._sub.recycle(old.shadows)
+        if freed:  # superseded before they were applied: back to the pool
+            self._sub.recycle(freed)
 
     def _on_error(self, version: int, message: str) -> None:
         with self._cv:
@@ -243,9 +247,15 @@ class HotweightsHandle:
             raise RuntimeError("commit_collective: torch.distributed is not initialised")
         with self._cv:
             self._frozen = True
-            staged = self.staged_version
+            staged = self._staged
+            drop = staged is not None and self._wrong_base(staged)  # never agreed on
+            if drop:
+                self._staged = None
         try:
-            mine = -1 if staged is None else int(staged)
+            if drop:
+                self._drop(staged)
+                staged = None
+            mine = -1 if staged is None else int(staged.version)
             backend = str(dist.get_backend(group))
             dev = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
                    else torch.device("cpu"))
@@ -271,20 +281,35 @@ class HotweightsHandle:
     # ------------------------------------------------------------------ apply
 
     def _apply(self, timeout: float | None = None) -> int | None:
+        if not self._applying.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            raise TimeoutError(f"hotweights {self.name!r}: another thread kept applying for "
+                               f"{timeout} s")
+        try:
+            return self._apply_locked(timeout)
+        finally:
+            self._applying.release()
+
+    def _wrong_base(self, staged: StagedVersion) -> bool:
+        return staged.base is not None and staged.base != self.version
+
+    def _drop(self, staged: StagedVersion) -> None:
+        """Note [Delta base] (replicate.py): a delta planned from a version that is not the
+        one applied here (its staging was lost) is dropped, never applied; the publisher is
+        asked for a catch-up from the version applied."""
+        msg = (f"planned as a delta from version {staged.base}, but version {self.version} is "
+               "applied here; dropped (a catch-up from it is asked for)")
+        log.warning("hotweights %s: version %d %s", self.name, staged.version, msg)
+        self._sub.recycle(staged.shadows)
+        self._on_error(staged.version, msg)
+        self._sub.report_applied(behind=True)
+
+    def _apply_locked(self, timeout: float | None) -> int | None:
         with self._cv:
             staged, self._staged = self._staged, None
         if staged is None:
             return None
-        if staged.base is not None and staged.base != self.version:
-            # Note [Delta base] (replicate.py): a version applied while this one was received
-            # makes its delta wrong here; dropped, never applied (the next version is planned
-            # from the version applied here)
-            msg = (f"planned as a delta from version {staged.base}, but version {self.version} "
-                   "was applied meanwhile; dropped (the next version is planned from it)")
-            log.warning("hotweights %s: version %d %s", self.name, staged.version, msg)
-            self._sub.recycle(staged.shadows)
-            self._on_error(staged.version, msg)
-            self._sub.report_applied(behind=True)  # the publisher serves a catch-up
+        if self._wrong_base(staged):
+            self._drop(staged)
             return None
         # Everything that could refuse the version is checked before the first swap.
         for name, shadow in staged.shadows.items():
@@ -304,8 +329,10 @@ class HotweightsHandle:
         cuda = self._sub.device.type == "cuda"
         try:
             t0 = time.perf_counter()
-            if cuda and staged.event is not None:
-                torch.cuda.current_stream(self._sub.device).wait_event(staged.event)
+            if cuda:
+                for ev in [*staged.prior_events, staged.event]:
+                    if ev is not None:
+                        torch.cuda.current_stream(self._sub.device).wait_event(ev)
             names = list(staged.shadows)
             if self.swap == "storage":
                 replaced = {}

@@ -382,7 +382,9 @@ class Publisher:
         t_manifest = time.perf_counter()
         subs = [c for c in asked.result() if c["role"] == "subscriber" and c["alive"]]
         self._routes = self._route(subs)
-        specs = [SubscriberSpec(c["client_id"], self._manifest(c["version"]),
+        # each delta from the newest version the subscriber holds, staged or applied
+        # (Note [Delta base])
+        specs = [SubscriberSpec(c["client_id"], self._manifest(c["holds"]),
                                 c["consumer"] or None) for c in subs]
         layout = None
         if direct and tensors is not None and self._direct_possible(subs):
@@ -579,20 +581,22 @@ class Publisher:
         names = list(tensors)
         sums = np.zeros(len(names), np.uint64)
         todo, keys = [], []
+        # taken before reading: a step marked from the trainer's thread meanwhile (a catch-up
+        # runs on the publisher's own thread) counts for the next snapshot, never lost
+        dirty, self._dirty = self._dirty, set()
         # state_dict() aliases share version counters with these; only needed (and built,
         # ~3 us per parameter) when an optimizer step marked some dirty
-        params = self._params if self._dirty else {}
+        params = self._params if dirty else {}
         for i, (n, t) in enumerate(tensors.items()):
             key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
             k = self._known.get(n)
-            if k is not None and k[:4] == key and id(params.get(n, t)) not in self._dirty:
+            if k is not None and k[:4] == key and id(params.get(n, t)) not in dirty:
                 sums[i] = k[4]
             else:
                 todo.append(i)
             keys.append(key)
         if todo:
             sums[todo] = ops.checksum_batch([tensors[names[i]].detach() for i in todo])
-        self._dirty.clear()
         self._known = {n: (*keys[i], sums[i]) for i, n in enumerate(names)}
         return Manifest(names, [dtype_name(t.dtype) for t in tensors.values()],
                         [tuple(t.shape) for t in tensors.values()],
@@ -613,7 +617,8 @@ class Publisher:
         m = self._manifests.get(version)
         if m is None:  # published by an earlier session: the coordinator keeps it
             try:
-                m = Manifest.from_bytes(self.client.manifest(self.name, version))
+                # stored before its version existed: stamped here (the plan's bases need it)
+                m = Manifest.from_bytes(self.client.manifest(self.name, version)).with_version(version)
                 self._manifests[version] = m
             except (CoordinatorError, ManifestError) as e:
                 log.warning("publisher %s: manifest of version %s unavailable (%s): full send",
@@ -857,7 +862,11 @@ class Publisher:
                             self.metrics.window(self.window)
                             xfer.acked_bytes += int(xfer.plan.piece_length[xfer.plan.pieces(b)].sum())
                             if xfer.progress is not None:
-                                xfer.progress(xfer.acked_bytes, xfer.plan.total_bytes)
+                                try:  # the caller's: it must not stop the releases
+                                    xfer.progress(xfer.acked_bytes, xfer.plan.total_bytes)
+                                except Exception as e:
+                                    log.warning("publisher %s: progress callback raised %r",
+                                                self.name, e)
                         elif xfer is self._transfer and not xfer.failed:
                             self._handle_failure(xfer, b, rel)
                     self._report_inflight()
@@ -921,8 +930,13 @@ class Publisher:
                 now = time.monotonic()
                 if self.version is not None and (pending or now - last_check > 5.0):
                     last_check = now
-                    if self._serve_laggards():
-                        pending = False
+                    try:
+                        if self._serve_laggards():
+                            pending = False
+                    except Exception as e:  # the coordinator away: asked again next round
+                        log.warning("publisher %s: serving late subscribers failed: %s",
+                                    self.name, e)
+                        time.sleep(0.5)
         finally:
             self.client.release_thread()
 
@@ -941,8 +955,8 @@ class Publisher:
             settled = set(info.get("applied", [])) | set(info.get("precommitted", [])) | set(
                 info.get("rejected", {}))
             behind = [c for c in self.client.clients(self.name)
-                      if c["role"] == "subscriber" and c["alive"] and c["version"] != self.version
-                      and (c.get("behind") or c["client_id"] not in settled)]
+                      if c["role"] == "subscriber" and c["alive"] and c["holds"] != self.version
+                      and (c["behind"] or c["client_id"] not in settled)]
             if not behind:
                 return True
             log.info("publisher %s: %d subscriber(s) behind version %s: catch-up",
@@ -1021,6 +1035,30 @@ class StagedVersion:
     bytes: int
     event: Any = None                # CUDA: the receive stream's completion event
     base: int | None = None          # the version its delta was planned from (None: full)
+    prior_events: list = dataclasses.field(default_factory=list)  # of versions merged into it
+
+    def onto(self, older: "StagedVersion") -> tuple["StagedVersion", dict[str, torch.Tensor]]:
+        """This version staged on top of ``older``, a version staged before and not applied
+        (Note [Delta base]). Returns what to stage and the buffers it frees. A delta planned
+        from ``older`` merges with it: its tensors replace ``older``'s one by one and the
+        rest of ``older`` stays, so the result is a delta from ``older``'s base (the version
+        applied). A full version, or a delta from that same base, replaces ``older``. (Any
+        other base cannot be merged: it replaces ``older`` and is dropped when applied.)"""
+        if self.base is None or self.base != older.version:
+            return self, dict(older.shadows)
+        freed = {n: t for n, t in older.shadows.items() if n in self.shadows}
+        shadows = {**{n: t for n, t in older.shadows.items() if n not in self.shadows},
+                   **self.shadows}
+        shape = {r[0]: r for r in older.reshaped}
+        for r in self.reshaped:  # (name, (dtype, shape) before, after): before = the applied one
+            first = shape.get(r[0], r)
+            shape[r[0]] = (r[0], first[1], r[2])
+        reshaped = [r for r in shape.values() if r[0] in shadows and r[1] != r[2]]
+        merged = dataclasses.replace(  # bytes: all that moved for what is applied at once
+            self, names=list(shadows), shadows=shadows, reshaped=reshaped,
+            bytes=older.bytes + self.bytes, base=older.base,
+            prior_events=[*older.prior_events, *([older.event] if older.event is not None else [])])
+        return merged, freed
 
 
 class Subscriber:
@@ -1061,6 +1099,7 @@ class Subscriber:
                                    consumer=self.consumer or [], capabilities=self._capabilities)
         self.client_id = reg["client_id"]
         self.version: int | None = None         # applied version
+        self.held: int | None = None            # newest version held, staged or applied
         self.current_version = reg["current_version"]
         self._pool: dict[str, torch.Tensor] = {}  # reusable shadow buffers
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -1181,7 +1220,8 @@ class Subscriber:
         self.stats["bytes"] += staged.bytes
         self._receiving = None  # staged: committed, nothing to refuse any more
         if self.on_staged:
-            self.on_staged(staged)
+            self.on_staged(staged)  # merged with a version staged before (module.py)
+            self.held = staged.version  # the next delta is planned from it
         # its publisher is alive (it just had a version committed): only other ones are asked
         self._drop_dead_rings(alive=info.get("publisher"))
 
@@ -1475,24 +1515,35 @@ class Subscriber:
         return True, None, partials
 
     def _check_base(self, plan: Plan) -> str | None:
-        """Note [Delta base]: a delta planned from version b is right only on top of b. The
-        publisher reads each subscriber's applied version before planning; if this subscriber
-        applied a newer one since (its staged version, at a forward), tensors that changed in
-        that one and back in this one would not be sent and keep the wrong values: refuse
-        (the version commits for the others; the next one is planned from what is applied
-        here). Checked again when the version is applied (module.py). Either way the
-        subscriber then reports its applied version with ``behind=True``: the publisher serves
-        it a catch-up at once (as a late joiner) instead of leaving it a version behind until
-        the next publish."""
+        """Note [Delta base]: a delta planned from version b carries the tensors that differ
+        between b and the new version, so it is right only on top of b: a tensor that changed
+        in some other version and changed back in this one is not in it. The publisher plans
+        each subscriber's delta from the newest version it *holds* - the latest committed
+        version it precommitted (staged, or applied), which the coordinator records as the
+        client's ``holds`` - not from the version it has applied: with ``commit="manual"`` or
+        between forwards a version can stay staged while the next one streams. Staging merges
+        (module.py): the new version's shadows replace the staged one's tensor by tensor, and
+        the merge keeps the older base, so the staged set is always a delta from the version
+        applied, whatever the subscriber applies meanwhile.
+
+        A subscriber that does not hold b (its staging was lost: a failure after its
+        precommit) refuses the delta here, or drops it when applying (module.py), never
+        applies it, and reports its applied version with ``behind=True``: the publisher
+        serves it a catch-up planned from that version at once."""
         base = plan.bases.get(self.client_id)
-        if base is not None and self.version is not None and base != self.version:
-            return (f"planned as a delta from version {base}, but version {self.version} is "
-                    "applied here; the next version is planned from it")
+        holds = self.held if self.held is not None else self.version
+        # (from the applied version while a newer one is staged: a publisher that read this
+        # subscriber's record before its late vote on that one; the new version replaces it)
+        if base is not None and base != holds and base != self.version:
+            return (f"planned as a delta from version {base}, but this subscriber holds "
+                    f"version {holds}; a catch-up is asked for")
         return None
 
     def report_applied(self, behind: bool = False) -> None:
         """Tells the coordinator which version is applied here (what publishers plan from);
         ``behind``: a newer committed version was dropped here, a catch-up is wanted."""
+        if behind:
+            self.held = self.version  # nothing newer is staged any more
         if self.version is None:
             return
         try:
@@ -1575,7 +1626,8 @@ class Subscriber:
         next writes after the compute stream's last use."""
         if not self.keep_staging:
             return
-        self._reuse_event = reuse_event
+        if reuse_event is not None:  # the latest on the compute stream covers earlier ones
+            self._reuse_event = reuse_event
         self._pool.update(tensors)
 
     def close(self) -> None:

@@ -453,14 +453,21 @@ def test_behind_asks_for_a_catch_up_until_the_next_vote(h):
     for s in (s1, s2):
         cl.applied(s, "m", v1)
     v2 = cl.publish(pub, "m", b"m2")["version"]
-    for s in (s1, s2):
-        cl.precommit(s, "m", v2)
+    cl.precommit(s1, "m", v2)
+    assert cl.get_client(s1)["holds"] == v1  # not before v2 commits
+    cl.precommit(s2, "m", v2)
+    # both hold v2 (staged), applied v1: their next delta is planned from v2
+    assert [(r["version"], r["holds"]) for r in cl.clients("m") if r["role"] == "subscriber"] \
+        == [(v1, v2), (v1, v2)]
+    cl.applied(s2, "m", v1)  # a late report of an older version keeps what it holds
+    assert cl.get_client(s2)["holds"] == v2
     seen = cl.events("m")["last"]
     cl.applied(s1, "m", v1, behind=True)  # s1 dropped v2
     ev = [e for e in cl.events("m", after=seen)["events"] if e["type"] == "client"]
     assert [(e["action"], e["client_id"], e["version"]) for e in ev] == [("behind", s1, v1)]
     view = {r["client_id"]: r for r in cl.clients("m")}
-    assert view[s1]["behind"] and view[s1]["version"] == v1 and not view[s2]["behind"]
+    assert view[s1]["behind"] and view[s1]["version"] == view[s1]["holds"] == v1
+    assert not view[s2]["behind"]
     v3 = cl.publish(pub, "m", b"m3")["version"]  # the catch-up
     cl.precommit(s1, "m", v3)
     assert not cl.get_client(s1)["behind"]

@@ -54,6 +54,29 @@ def test_export_once_fill_read_in_another_process(device):
     assert ring.slot(0)[:4].cpu().tolist() == [1, 2, 3, 4]  # the child's writes are visible
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_a_ring_opened_in_the_process_that_exported_it(device):
+    """A publisher and a subscriber in one process: the import reads the ring's own bytes
+    (CUDA IPC cannot open a mapping in the exporting process: a view of the ring itself;
+    CPU maps the memfd a second time)."""
+    ring = ipc.SlotRing(SLOT, 2, device)
+    for s in range(2):
+        ring.slot(s).copy_(_pattern(s).to(ring.device))
+        ring.record(s)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    imp = ipc.open_ring(ring.handle(), device)
+    try:
+        assert imp.slots == 2 and imp.slot_bytes == SLOT and imp.source_device == ring.device
+        for s in range(2):
+            imp.wait(s)
+            assert torch.equal(imp.slot(s).cpu(), _pattern(s))
+        ring.slot(1)[:3] = 9  # the same memory
+        assert imp.slot(1)[:3].cpu().tolist() == [9, 9, 9]
+    finally:
+        imp.close()
+
+
 def _shm_entries():
     # multiprocessing's own semaphores (sem.mp-*) belong to the test harness, not to us
     return {e for e in os.listdir("/dev/shm") if not e.startswith("sem.")}

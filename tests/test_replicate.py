@@ -16,6 +16,7 @@ import torch
 import hotweights
 from hotweights import UpdateError, config
 from hotweights.coordinator import Client, start_embedded
+from hotweights.plan import Plan
 
 from replicate_children import make_model, publisher, subscriber, unpack
 from utils import children, cpu_and_cuda, get_message, hotweights_fds
@@ -339,11 +340,10 @@ def test_an_error_after_staging_does_not_refuse_a_committed_version(coord):
 
 
 def test_a_version_applied_during_a_receive_never_leaves_a_wrong_delta(coord):
-    """Note [Delta base]: the publisher plans v3 from the version the subscriber has applied
-    (v1) while the subscriber applies its staged v2 during v3's receive. v3 puts back v1's
-    value of a tensor that v2 changed, so its delta from v1 does not carry that tensor: applied
-    on top of v2 it would leave v2's value. The subscriber must drop v3 (never apply it), and
-    v4, planned from v2, must bring it to the publisher's exact state."""
+    """Note [Delta base]: v3 puts back v1's value of a tensor that v2 changed, while the
+    subscriber (at v1, v2 staged) applies v2 during v3's receive. v3 is planned from v2, the
+    version the subscriber holds, so it carries that tensor, and applied on top of v2 it
+    gives the publisher's exact state. (Planned from the applied v1 it would not carry it.)"""
     src, m = make_model(21), make_model(22)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, serve_late=False)
     h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
@@ -355,6 +355,7 @@ def test_a_version_applied_during_a_receive_never_leaves_a_wrong_delta(coord):
         r2 = pub.publish("v2")
         h.wait(r2.version, timeout=30, apply=False)  # staged, not applied: still at v1
         assert h.version == 1
+        assert Client(coord).get_client(h.client_id)["holds"] == 2
         applied_during = []
 
         def apply_v2_now(b):  # the subscriber's forward applies v2 while v3 is received
@@ -367,25 +368,55 @@ def test_a_version_applied_during_a_receive_never_leaves_a_wrong_delta(coord):
             src[4].bias.add_(1.0)
         r3 = pub.publish("v3")
         assert r3.state == "committed" and applied_during == [2]
-        with pytest.raises(UpdateError, match="planned as a delta from version 1"):
-            h.wait(r3.version, timeout=30)
-        assert h.version == 2  # v3 dropped, nothing of it applied
-        h._sub.before_scatter = None
-        with torch.no_grad():
-            src[2].bias.add_(1.0)
-        r4 = pub.publish("v4")
-        assert h.wait(r4.version, timeout=30) == r4.version
+        assert Plan.from_bytes(Client(coord).plan("m", r3.version)).bases[h.client_id] == 2
+        assert h.wait(r3.version, timeout=30) == r3.version
+        assert sorted(h.last_commit.changed) == ["0.weight", "4.bias"]
         assert same_state(snapshot(m), snapshot(src))
     finally:
         h.close()
         pub.close()
 
 
-def test_a_dropped_delta_is_followed_by_a_catch_up(coord):
-    """Note [Delta base] with the publisher serving late subscribers (the default): the
-    subscriber that dropped v3 asks for a catch-up (applied(behind=True)) and the publisher
-    publishes one at once, with no new publish from the trainer: the subscriber reaches the
-    publisher's exact state; the other subscriber, already current, receives nothing."""
+def test_staged_versions_merge_until_applied(coord):
+    """A subscriber that applies nothing for three versions holds a chain of deltas, each
+    planned from the one before (the version it holds); staging merges them tensor by
+    tensor, and one commit applies the merged set: the publisher's exact state, with every
+    tensor that changed since the applied version (a tensor changed and changed back
+    included), and every byte that moved for them."""
+    src, m = make_model(41), make_model(42)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, serve_late=False)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual", swap="storage")
+    try:
+        h.wait(pub.publish("v1").version, timeout=30)
+        w1 = src[0].weight.detach().clone()
+        moved = 0
+        for label, change in (("v2", lambda: src[0].weight.add_(1.0)),
+                              ("v3", lambda: src[2].bias.add_(1.0)),
+                              ("v4", lambda: (src[0].weight.copy_(w1), src[4].weight.mul_(2)))):
+            with torch.no_grad():
+                change()
+            r = pub.publish(label)
+            moved += r.bytes
+            assert h.wait(r.version, timeout=30, apply=False) == r.version
+        assert h.version == 1 and h.staged_version == 4
+        bases = [Plan.from_bytes(Client(coord).plan("m", v)).bases[h.client_id] for v in (2, 3, 4)]
+        assert bases == [1, 2, 3]
+        assert h.commit() == 4
+        assert sorted(h.last_commit.changed) == ["0.weight", "2.bias", "4.weight"]
+        assert h.last_commit.bytes == moved
+        assert same_state(snapshot(m), snapshot(src))
+        assert Client(coord).get_client(h.client_id)["version"] == 4
+    finally:
+        h.close()
+        pub.close()
+
+
+def test_a_lost_staging_is_followed_by_a_catch_up(coord):
+    """Note [Delta base]: a subscriber whose staging of v2 was lost (a failure after its
+    precommit) cannot take v3, planned from v2: it refuses it and asks for a catch-up
+    (applied(behind=True)); the publisher publishes one at once, with no new publish from the
+    trainer, and the subscriber reaches the publisher's exact state. The other subscriber,
+    already current, receives nothing in it."""
     src, m, other = make_model(23), make_model(24), make_model(25)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192)
     h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
@@ -394,37 +425,61 @@ def test_a_dropped_delta_is_followed_by_a_catch_up(coord):
         v1 = pub.publish("v1").version
         h.wait(v1, timeout=30)
         h2.wait(v1, timeout=30)
-        w1 = src[0].weight.detach().clone()
+        real, lost = h._sub.on_staged, []
+
+        def lose_once(staged):
+            if not lost:
+                lost.append(staged.version)
+                raise RuntimeError("injected: the staging was lost")
+            real(staged)
+
+        h._sub.on_staged = lose_once
         with torch.no_grad():
             src[0].weight.add_(1.0)
         r2 = pub.publish("v2")
-        h.wait(r2.version, timeout=30, apply=False)
         h2.wait(r2.version, timeout=30)
-
-        def apply_v2_now(b):
-            h._sub.before_scatter = None
-            h.commit()
-
-        h._sub.before_scatter = apply_v2_now
         with torch.no_grad():
-            src[0].weight.copy_(w1)
             src[4].bias.add_(1.0)
         r3 = pub.publish("v3")
-        assert r3.state == "committed"
+        assert r3.state == "committed" and lost == [r2.version]
         h2.wait(r3.version, timeout=30)
-        with pytest.raises(UpdateError, match="planned as a delta from version 1"):
+        with pytest.raises(UpdateError, match="planned as a delta from version 2"):
             h.wait(r3.version, timeout=30)
-        assert h.version == 2
+        assert h.version == 1
         catch_up = r3.version + 1  # published by the publisher's own thread
         assert h.wait(catch_up, timeout=30) == catch_up
+        assert sorted(h.last_commit.changed) == ["0.weight", "4.bias"]
         assert same_state(snapshot(m), snapshot(src))
         assert h2.wait(catch_up, timeout=30) == catch_up
-        assert h2.last_commit.bytes == 0 and h.last_commit.bytes > 0
+        assert h2.last_commit.bytes == 0
         assert same_state(snapshot(other), snapshot(src))
         assert not Client(coord).get_client(h.client_id)["behind"]
     finally:
         h.close()
         h2.close()
+        pub.close()
+
+
+def test_a_delta_on_a_base_no_longer_held_is_dropped_when_applied(coord):
+    """The last line of Note [Delta base]: a staged delta whose base is not the version
+    applied (its predecessor's staging was lost) is dropped at the commit, never applied,
+    and the subscriber asks for a catch-up."""
+    from hotweights.replicate import StagedVersion
+
+    src, m = make_model(43), make_model(44)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, serve_late=False)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    try:
+        h.wait(pub.publish("v1").version, timeout=30)
+        before = snapshot(m)
+        bogus = {"0.weight": torch.full_like(m[0].weight, 7.0)}
+        h._on_staged(StagedVersion(version=3, label=None, names=list(bogus), shadows=bogus,
+                                   reshaped=[], timings={}, bytes=0, base=2))
+        assert h.commit() is None and h.version == 1 and "planned as a delta" in h.refused[3]
+        assert same_state(snapshot(m), before)
+        assert Client(coord).get_client(h.client_id)["behind"]
+    finally:
+        h.close()
         pub.close()
 
 

@@ -70,16 +70,22 @@ def test_direct_reads_have_no_gather_and_no_window():
     t = toy(kind="cpu", cores=2, parallel_copy_Bps={"1": 1e9, "2": 1.5e9},
             bucket0_direct_latency_s={"1": 0.004}, bucket0_direct_interval_s={"1": 0.001})
     p = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=4, window=1, direct=True)
-    # only the subscriber copies: latency 0.004 + 1 s; interval 0.001 + 1 s; every bucket is
-    # posted at once, so the window argument does not cap anything
+    # only the subscriber copies: latency 0.004 + 1 s; one reader on two cores: its acks and
+    # the coordinator use the spare core while it reads the next bucket, so the interval is
+    # max(0.001, 1 s), not their sum; every bucket is posted at once, so the window argument
+    # does not cap anything
     assert p.per_bucket["gather_s"] == 0 and p.per_bucket["latency_s"] == pytest.approx(1.004)
     assert p.window == 4 and p.window_mode.startswith("direct")
-    assert p.stages["stream"] == pytest.approx(0.001 + 1.004 + 3 * 1.001)
-    assert p.bottleneck == "scatter (subscriber copy)"
+    assert p.stages["stream"] == pytest.approx(0.001 + 1.004 + 3 * 1.0)
+    assert p.per_bucket["resource_pipeline_s"] == pytest.approx(1.0)
     ring = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=4, window=1)
     assert ring.stages["stream"] > 2 * p.stages["stream"]
-    # K = 2 direct readers share the 2-process aggregate rate, not the 3-process one
+    # K = 2 direct readers on 2 cores: no core to spare (control adds to the copies), each
+    # copy slowed by the 2-copier contention 1.5e9 / (2 x 1e9), and together they share the
+    # 2-process aggregate rate, not the 3-process one
     p2 = sim.simulate(t, 4e9, int(1e9), subscribers=2, tensors=4, direct=True)
+    assert p2.per_bucket["scatter_s"] == pytest.approx(1e9 / 0.75e9)
+    assert p2.per_bucket["resource_pipeline_s"] == pytest.approx(0.001 + 1e9 / 0.75e9)
     assert p2.per_bucket["resource_cpu_s"] == pytest.approx(0.001 + 2e9 / 1.5e9)
     q = sim.simulate(toy(kind="cpu", cores=2), 4e9, int(1e9), subscribers=1, tensors=4, direct=True)
     assert any("no bucket0_direct" in n for n in q.notes)

@@ -135,8 +135,12 @@ std::vector<uint64_t> CudaBatch::hashes() {
   if (num_hashes_ == 0) return out;
   DeviceGuard g(device_);
   HW_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
-  HW_CUDA_CHECK(cudaMemcpy(out.data(), acc_, num_hashes_ * sizeof(uint64_t),
-                           cudaMemcpyDeviceToHost));
+  // On the engine's own (non-blocking) stream: a plain cudaMemcpy runs on the legacy default
+  // stream and would first wait for everything queued there (a model's forward, say).
+  auto s = static_cast<cudaStream_t>(stream_);
+  HW_CUDA_CHECK(cudaMemcpyAsync(out.data(), acc_, num_hashes_ * sizeof(uint64_t),
+                                cudaMemcpyDeviceToHost, s));
+  HW_CUDA_CHECK(cudaStreamSynchronize(s));
   return out;
 }
 

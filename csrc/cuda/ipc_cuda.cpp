@@ -137,8 +137,11 @@ CudaRing::CudaRing(int device, size_t slot_bytes, int slots)
 CudaRing::~CudaRing() {
   QuietDeviceGuard g(device_);
   for (void* e : events_) cudaEventDestroy(static_cast<cudaEvent_t>(e));
-  // Importers keep their own mapping until they close it; cudaFree here is safe because
-  // the driver keeps the allocation alive while other processes have it open.
+  // CUDA documents a cudaFree before every importer's cudaIpcCloseMemHandle as undefined
+  // behaviour; in practice the driver keeps the physical allocation while a mapping is open.
+  // Subscribers close their mapping when they see the publisher gone or its ring replaced
+  // (replicate.py, _drop_dead_rings), but nothing here waits for them: known gap, see
+  // docs/replication.md (CUDA rings).
   if (base_) cudaFree(base_);
 }
 

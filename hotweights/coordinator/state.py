@@ -244,6 +244,7 @@ class State:
                                        "capabilities", "alive", "version", "state", "registered",
                                        "progress")},
                 "behind": bool(rec.get("behind", False)),
+                "holds": rec["version"] if rec.get("holds") is None else rec["holds"],
                 "last_seen_ago_s": round(now - self.seen.get(cid, now), 3)}
 
     def _view_version(self, rec: dict) -> dict:
@@ -276,7 +277,9 @@ class State:
                "registered": old["registered"] if old else time.time(),
                "version": old["version"] if same else None,
                "state": old["state"] if same and old["alive"] else "registered",
-               "progress": old["progress"] if same else None}
+               "progress": old["progress"] if same else None,
+               "holds": old.get("holds") if same else None,
+               "behind": bool(old.get("behind")) if same else False}
         if old is not None and not same:
             # A new model or role: settle what the old registration leaves behind first.
             self._leave(old, "left", replaced=True)
@@ -516,6 +519,8 @@ class State:
             self._put_client(rec)
             self._event(a["model"], "precommit", version=vrec["version"], client_id=cid)
             self._evaluate(vrec)
+            if vrec["state"] == "committed":  # (a late vote on a committed version)
+                self._hold(cid, vrec["version"])
         return {"state": vrec["state"]}
 
     @staticmethod
@@ -566,8 +571,11 @@ class State:
             raise _err("bad_state", f"applied: version {vrec['version']} of model "
                                     f"{a['model']!r} is {vrec['state']}, not committed")
         cid = rec["client_id"]
-        rec["version"], rec["state"] = vrec["version"], "applied"
-        rec["behind"] = bool(a["behind"])
+        v = vrec["version"]
+        rec["version"], rec["state"], rec["behind"] = v, "applied", bool(a["behind"])
+        # behind: it holds nothing newer (it dropped what it had staged)
+        held = rec.get("holds")
+        rec["holds"] = v if rec["behind"] or held is None or held < v else held
         self._put_client(rec)
         if cid not in vrec["applied"]:
             vrec["applied"].append(cid)
@@ -611,10 +619,20 @@ class State:
         self._put_model(m)
         self._event(model, "commit", version=v, precommitted=list(vrec["precommitted"]))
         self.count("versions.committed")
+        for cid in vrec["precommitted"]:
+            self._hold(cid, v)
         # An older version still in flight can never become current any more.
         for older in list(self.versions[model].values()):
             if older["version"] < v and older["state"] == "transferring":
                 self._abort(older, f"superseded by version {v}")
+
+    def _hold(self, cid: str, v: int) -> None:
+        """A subscriber whose precommitted version committed holds it (staged or applied): the
+        next delta for it is planned from it (Note [Delta base] in replicate.py)."""
+        rec = self.clients.get(cid)
+        if rec is not None and (rec.get("holds") is None or rec["holds"] < v):
+            rec["holds"] = v
+            self._put_client(rec)
 
     def _abort(self, vrec: dict, reason: str) -> None:
         vrec["state"], vrec["reason"], vrec["ended_at"] = "aborted", reason, time.time()
