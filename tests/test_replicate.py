@@ -563,3 +563,45 @@ def test_version_change_tracking_sees_optimizer_steps_and_skips_the_rest(coord):
     finally:
         h.close()
         pub.close()
+
+
+def test_background_threads_survive_errors_in_callbacks_and_the_coordinator(coord):
+    """A progress callback that raises does not stop the publisher's release thread (the
+    version commits, the next publish works), and an error while serving late subscribers
+    does not end the late-join thread: a subscriber that joins afterwards is still served."""
+    src, m = make_model(51), make_model(52)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    late = None
+    try:
+        calls = []
+
+        def progress(done, total):
+            calls.append(done)
+            raise RuntimeError("injected: a broken progress callback")
+
+        r = pub.publish("v1", timeout=30, progress=progress)
+        assert r.state == "committed" and calls
+        assert h.wait(r.version, timeout=30) == r.version
+        r = pub.publish("v2", timeout=30)
+        assert h.wait(r.version, timeout=30) == r.version
+
+        real, failed = pub._serve_laggards, []
+
+        def flaky():
+            if not failed:
+                failed.append(1)
+                raise ConnectionError("injected: coordinator unreachable")
+            return real()
+
+        pub._serve_laggards = flaky
+        late_model = make_model(53)
+        late = late_model.register_hotweights(name="m", endpoint=coord, commit="manual")
+        got = late.wait(r.version + 1, timeout=30)  # the catch-up, after the failed attempt
+        assert failed and got == r.version + 1
+        assert same_state(snapshot(late_model), snapshot(src))
+    finally:
+        if late is not None:
+            late.close()
+        h.close()
+        pub.close()
