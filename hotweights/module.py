@@ -10,6 +10,10 @@ tensor or none (all checks happen before the first swap). A forward therefore se
 version or the new one, never a mix. With ``commit="on_forward"`` the pre-hook applies a staged
 version before the forward that follows the commit; with ``commit="manual"`` the caller applies
 it with ``handle.commit()`` (any thread: the lock makes it safe) or ``handle.wait(version)``.
+One apply runs at a time (taking the staged version, checking its base, swapping, recording
+the version applied), so two threads never swap two versions in the wrong order. A version
+that arrives while an older one is still staged merges with it (Note [Delta base] in
+replicate.py): what is staged is always one delta from the version applied.
 
 ``swap="storage"`` points each parameter at its shadow (``param.data = shadow``; O(1) per tensor,
 the pause does not grow with size, 2x memory for changed tensors); the replaced storage becomes

@@ -127,6 +127,17 @@ def test_errors_are_clear():
         ops.copy_([a], [[1.0] * 10])
 
 
+@pytest.mark.cuda
+def test_cuda_copy_refuses_overlaps_like_the_cpu_engine():
+    a, b = torch.zeros(1000, device="cuda"), torch.ones(1000, device="cuda")
+    with pytest.raises(ValueError, match="overlaps"):
+        ops.copy_([a], [a])
+    base = torch.zeros(4000, device="cuda")
+    with pytest.raises(ValueError, match="overlaps"):
+        ops.copy_([base[0:1000], base[500:1500]], [a, b])
+    assert int(base.count_nonzero()) == 0  # nothing was copied
+
+
 def test_sources_may_overlap_each_other():
     src = torch.arange(100, dtype=torch.float32)
     d1, d2 = torch.empty(60), torch.empty(60)

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "core/copy_engine.h"
 #include "cuda/check.h"
 #include "cuda/cuda_api.h"
 
@@ -167,6 +168,13 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
                                                   bool kernel_ok) {
   HW_CHECK_ARG(kernel_ok || num_hashes == 0,
                "CudaCopyEngine: hashing needs device-accessible source and destination");
+  {  // the CPU engine's rule (one address space: UVA): no destination overlaps anything
+    std::vector<CopyItem> spans;
+    spans.reserve(items.size());
+    for (const auto& it : items)
+      if (it.dst != nullptr) spans.push_back({it.dst, it.src, it.nbytes, -1, 0});
+    check_no_overlap(spans);
+  }
   DeviceGuard g(device_);
   auto caller = static_cast<cudaStream_t>(caller_stream_);
   auto s0 = static_cast<cudaStream_t>(streams_[0]);
