@@ -4,7 +4,8 @@ every Subscriber, which stages, verifies and commits it atomically.
 
 Note [One update]
 1. ``Publisher.publish`` hashes the live tensors into a manifest, asks the coordinator who
-   subscribes (and at which version, with which consumer set), and makes the delta plan.
+   subscribes (and which version each holds, with which consumer set: Note [Delta base]),
+   and makes the delta plan.
 2. It registers the version (manifest + plan) with the coordinator, then for each bucket: waits
    for a free slot and for the window controller's admission, gathers the bucket's pieces into
    the slot with the copy engine while hashing them, checks each whole tensor against the
