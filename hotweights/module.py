@@ -289,9 +289,14 @@ class HotweightsHandle:
             raise TimeoutError(f"hotweights {self.name!r}: another thread kept applying for "
                                f"{timeout} s")
         try:
-            return self._apply_locked(timeout)
+            info = self._apply_locked(timeout)
         finally:
             self._applying.release()
+        if info is None:
+            return None
+        for cb in self._callbacks:  # outside the apply: a callback may run a forward or commit
+            cb(info)
+        return info.version
 
     def _wrong_base(self, staged: StagedVersion) -> bool:
         return staged.base is not None and staged.base != self.version
@@ -307,7 +312,7 @@ class HotweightsHandle:
         self._on_error(staged.version, msg)
         self._sub.report_applied(behind=True)
 
-    def _apply_locked(self, timeout: float | None) -> int | None:
+    def _apply_locked(self, timeout: float | None) -> CommitInfo | None:
         with self._cv:
             staged, self._staged = self._staged, None
         if staged is None:
@@ -375,9 +380,7 @@ class HotweightsHandle:
         self.last_commit = info
         with self._cv:
             self._cv.notify_all()
-        for cb in self._callbacks:
-            cb(info)
-        return staged.version
+        return info
 
     def _apply_optimizer_policy(self, names: list[str], staged: StagedVersion) -> dict | None:
         """Optimizer-state policy for exactly the parameters that changed (see hotweights.optim)."""

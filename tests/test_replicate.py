@@ -670,3 +670,43 @@ def test_rapid_deltas_with_forwards_at_any_time_never_drop_or_miss_a_tensor(coor
         fwd.close()
         man.close()
         pub.close()
+
+
+def test_on_commit_callbacks_may_run_forwards_that_apply_the_next_version(coord):
+    """Callbacks run after the apply has finished (outside its lock): a callback whose
+    forward finds the next version staged applies it (nested), instead of deadlocking."""
+    import threading
+
+    src, m = make_model(71), make_model(72)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, serve_late=False)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="on_forward")
+    seen, done = [], threading.Event()
+
+    def on_commit(info):
+        seen.append(info.version)
+        if info.version == 1:
+            with torch.no_grad():
+                src[0].bias.add_(1.0)
+            pub.publish("v2", timeout=30)  # staged while this callback runs
+            with torch.no_grad():
+                m(torch.randn(2, 32))  # its pre-hook applies v2
+
+    h.on_commit(on_commit)
+
+    def body():
+        pub.publish("v1", timeout=30)
+        h.wait(1, timeout=30, apply=False)
+        with torch.no_grad():
+            m(torch.randn(2, 32))  # applies v1; its callback applies v2
+        done.set()
+
+    t = threading.Thread(target=body, daemon=True)
+    try:
+        t.start()
+        assert done.wait(60), "an on_commit callback's forward deadlocked the apply"
+        assert seen == [1, 2] and h.version == 2
+        assert same_state(snapshot(m), snapshot(src))
+    finally:
+        t.join(5)
+        h.close()
+        pub.close()
