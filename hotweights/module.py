@@ -145,6 +145,7 @@ class HotweightsHandle:
         self._cv = threading.Condition()
         self._staged: StagedVersion | None = None
         self._frozen = False  # commit_collective: no new staging between agreement and apply
+        self._closed = False
         self._callbacks: list[Callable[[CommitInfo], None]] = []
         self.version: int | None = None
         self.last_error: str | None = None
@@ -159,6 +160,7 @@ class HotweightsHandle:
                                keep_staging=keep_staging, on_staged=self._on_staged,
                                on_error=self._on_error, config=self.cfg)
         self.client_id = self._sub.client_id
+        self._sub.staged_tensors = self._staged_tensors
 
     # ------------------------------------------------------------------ hooks and staging
 
@@ -172,8 +174,10 @@ class HotweightsHandle:
 
     def _on_staged(self, staged: StagedVersion) -> None:
         with self._cv:
-            while self._frozen:
+            while self._frozen and not self._closed:
                 self._cv.wait()
+            if self._closed:
+                return
             freed = {}
             if self._staged is not None:  # not applied yet: merged or replaced (Note [Delta base])
                 staged, freed = staged.onto(self._staged)
@@ -181,6 +185,10 @@ class HotweightsHandle:
             self._cv.notify_all()
         if freed:  # superseded before they were applied: back to the pool
             self._sub.recycle(freed)
+
+    def _staged_tensors(self) -> dict[str, torch.Tensor]:
+        s = self._staged
+        return dict(s.shadows) if s is not None else {}
 
     def _on_error(self, version: int, message: str) -> None:
         with self._cv:
@@ -251,14 +259,20 @@ class HotweightsHandle:
             raise RuntimeError("commit_collective: torch.distributed is not initialised")
         with self._cv:
             self._frozen = True
-            staged = self._staged
-            drop = staged is not None and self._wrong_base(staged)  # never agreed on
-            if drop:
-                self._staged = None
+        info = None
         try:
-            if drop:
-                self._drop(staged)
-                staged = None
+            self._take_applying(timeout)
+            try:  # (not while another thread applies: its version decides the base)
+                with self._cv:
+                    staged = self._staged
+                    drop = staged is not None and self._wrong_base(staged)  # never agreed on
+                    if drop:
+                        self._staged = None
+                if drop:
+                    self._drop(staged)
+                    staged = None
+            finally:
+                self._applying.release()
             mine = -1 if staged is None else int(staged.version)
             backend = str(dist.get_backend(group))
             dev = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
@@ -268,33 +282,53 @@ class HotweightsHandle:
             lo, hi = int(t[0]), -int(t[1])
             if lo < 0 or lo != hi:
                 return None
-            return self._apply(timeout)  # the staged version cannot change while frozen
+            info = self._apply_once(timeout)  # the staged version cannot change while frozen
         finally:
             with self._cv:
                 self._frozen = False
                 self._cv.notify_all()
+        return self._after_apply(info)
 
     def close(self) -> None:
-        """Removes the hooks, stops receiving, deregisters and frees the staging."""
+        """Removes the hooks, stops receiving, deregisters and frees the staging (after an
+        apply running in another thread, if any, finished)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._sub.close()
-        self._staged = None
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        applying = self._applying.acquire(timeout=30)
+        try:
+            self._sub.close()
+            self._staged = None
+        finally:
+            if applying:
+                self._applying.release()
 
     # ------------------------------------------------------------------ apply
 
     def _apply(self, timeout: float | None = None) -> int | None:
+        return self._after_apply(self._apply_once(timeout))
+
+    def _take_applying(self, timeout: float | None) -> None:
         if not self._applying.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             raise TimeoutError(f"hotweights {self.name!r}: another thread kept applying for "
                                f"{timeout} s")
+
+    def _apply_once(self, timeout: float | None) -> CommitInfo | None:
+        self._take_applying(timeout)
         try:
-            info = self._apply_locked(timeout)
+            return self._apply_locked(timeout)
         finally:
             self._applying.release()
+
+    def _after_apply(self, info: CommitInfo | None) -> int | None:
+        """Callbacks run outside the apply (and outside commit_collective's freeze): one may
+        run a forward, commit, or wait for the next version."""
         if info is None:
             return None
-        for cb in self._callbacks:  # outside the apply: a callback may run a forward or commit
+        for cb in self._callbacks:
             cb(info)
         return info.version
 
@@ -330,9 +364,14 @@ class HotweightsHandle:
                                   "swap='inplace' cannot apply that (use swap='storage' and "
                                   "accept_reshape=True)")
         if not self._lock.acquire_write(timeout):
-            with self._cv:  # keep it staged for later
+            with self._cv:  # keep it staged for later (merged under one that came meanwhile)
+                freed = {}
                 if self._staged is None:
                     self._staged = staged
+                else:
+                    self._staged, freed = self._staged.onto(staged)
+            if freed:
+                self._sub.recycle(freed)
             raise TimeoutError(f"hotweights {self.name!r}: forwards kept running for {timeout} s; "
                                f"version {staged.version} stays staged")
         cuda = self._sub.device.type == "cuda"

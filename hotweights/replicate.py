@@ -1101,6 +1101,8 @@ class Subscriber:
         self.client_id = reg["client_id"]
         self.version: int | None = None         # applied version
         self.held: int | None = None            # newest version held, staged or applied
+        # the tensors of the version staged and not applied (set by module.py)
+        self.staged_tensors: Callable[[], Mapping[str, torch.Tensor]] = dict
         self.current_version = reg["current_version"]
         self._pool: dict[str, torch.Tensor] = {}  # reusable shadow buffers
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -1532,7 +1534,7 @@ class Subscriber:
         applies it, and reports its applied version with ``behind=True``: the publisher
         serves it a catch-up planned from that version at once."""
         base = plan.bases.get(self.client_id)
-        holds = self.held if self.held is not None else self.version
+        holds = max((v for v in (self.held, self.version) if v is not None), default=None)
         # (from the applied version while a newer one is staged: a publisher that read this
         # subscriber's record before its late vote on that one; the new version replaces it)
         if base is not None and base != holds and base != self.version:
@@ -1542,10 +1544,11 @@ class Subscriber:
 
     def report_applied(self, behind: bool = False) -> None:
         """Tells the coordinator which version is applied here (what publishers plan from);
-        ``behind``: a newer committed version was dropped here, a catch-up is wanted."""
+        ``behind``: a newer committed version was dropped or lost here, a catch-up is wanted
+        (also with nothing applied yet: then it is a full send)."""
         if behind:
             self.held = self.version  # nothing newer is staged any more
-        if self.version is None:
+        elif self.version is None:
             return
         try:
             self.client.applied(self.client_id, self.name, self.version, behind=behind)
@@ -1554,12 +1557,16 @@ class Subscriber:
                         self.version, e)
 
     def _check_model(self, plan: Plan, mine: list[int]) -> str | None:
-        """The model must match the manifest for the tensors this subscriber receives."""
+        """The model must match the manifest for the tensors this subscriber receives: as
+        staged, for a delta planned from a version staged here and not applied yet (its
+        reshapes are not in the live model yet), else as live."""
         bad = []
         reshaped = {r[0] for r in plan.reshaped}
+        base = plan.bases.get(self.client_id)
+        staged = self.staged_tensors() if base is not None and base != self.version else {}
         for i in mine:
             name = plan.names[i]
-            t = self.targets.get(name)
+            t = staged.get(name, self.targets.get(name))
             if t is None:
                 bad.append(f"{name!r} is not in the model")
             elif (dtype_name(t.dtype), tuple(t.shape)) != (plan.dtypes[i], plan.shapes[i]):

@@ -468,15 +468,37 @@ def test_behind_asks_for_a_catch_up_until_the_next_vote(h):
     view = {r["client_id"]: r for r in cl.clients("m")}
     assert view[s1]["behind"] and view[s1]["version"] == view[s1]["holds"] == v1
     assert not view[s2]["behind"]
-    v3 = cl.publish(pub, "m", b"m3")["version"]  # the catch-up
+    v3 = cl.publish(pub, "m", b"m3")["version"]  # the catch-up; it aborts
     cl.precommit(s1, "m", v3)
-    assert not cl.get_client(s1)["behind"]
+    assert cl.get_client(s1)["behind"]  # until it commits: an aborted one is served again
+    cl.abort(pub, "m", v3, "source changed")
+    assert cl.get_client(s1)["behind"] and cl.get_client(s1)["holds"] == v1
+    v4 = cl.publish(pub, "m", b"m4")["version"]
+    for s in (s1, s2):
+        cl.precommit(s, "m", v4)
+    assert not cl.get_client(s1)["behind"] and cl.get_client(s1)["holds"] == v4
     cl.applied(s1, "m", v1, behind=True)
-    cl.reject(s1, "m", v3, "no")  # a refusal ends the request too
+    v5 = cl.publish(pub, "m", b"m5")["version"]
+    cl.reject(s1, "m", v5, "no")  # a refusal ends the request too
     assert not cl.get_client(s1)["behind"]
     with pytest.raises(CoordinatorError) as ei:
         cl.applied(s1, "m", v1, behind="yes")
     assert ei.value.code == "bad_args" and "behind" in str(ei.value)
+    # nothing applied yet: the request still goes through (the catch-up is a full send)
+    s3 = cl.register("subscriber", "m", consumer=["*"], client_id="s3")["client_id"]
+    with pytest.raises(CoordinatorError) as ei:
+        cl.applied(s3, "m", None)
+    assert ei.value.code == "bad_args"
+    cl.applied(s3, "m", None, behind=True)
+    rec = cl.get_client(s3)
+    assert rec["behind"] and rec["holds"] is None and rec["version"] is None
+    # a refusal after its vote: the version is not held
+    v6 = cl.publish(pub, "m", b"m6")["version"]
+    for s in (s1, s2, s3):
+        cl.precommit(s, "m", v6)
+    assert cl.get_client(s2)["holds"] == v6
+    cl.reject(s2, "m", v6, "failed after its precommit")
+    assert cl.get_client(s2)["holds"] == cl.get_client(s2)["version"] == v1
 
 
 def test_empty_required_set_commits_at_once(hm):

@@ -710,3 +710,119 @@ def test_on_commit_callbacks_may_run_forwards_that_apply_the_next_version(coord)
         t.join(5)
         h.close()
         pub.close()
+
+
+def test_a_subscriber_that_lost_its_first_staging_is_caught_up_in_full(coord):
+    """Note [Delta base] with nothing applied yet: the staging of v1 (a full send) is lost,
+    v2 is planned from v1 and refused; the request for a catch-up goes out without an
+    applied version, and the catch-up is a full send."""
+    src, m = make_model(81), make_model(82)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    real, lost = h._sub.on_staged, []
+
+    def lose_once(staged):
+        if not lost:
+            lost.append(staged.version)
+            raise RuntimeError("injected: the staging was lost")
+        real(staged)
+
+    h._sub.on_staged = lose_once
+    try:
+        assert pub.publish("v1").state == "committed" and lost == [1]
+        with torch.no_grad():
+            src[2].bias.add_(1.0)
+        with pytest.raises(hotweights.PublishError, match="rejected by every live"):
+            pub.publish("v2")  # its only subscriber refuses it
+        assert "planned as a delta from version 1" in h.refused[2]
+        assert h.wait(3, timeout=30) == 3  # the catch-up, from the current v1: in full
+        assert same_state(snapshot(m), snapshot(src))
+        assert h.last_commit.bytes == sum(t.numel() * 4 for t in src.state_dict().values())
+    finally:
+        h.close()
+        pub.close()
+
+
+def test_a_reshape_staged_and_not_applied_takes_the_next_delta():
+    """accept_reshape with a version staged and not applied: the next delta is checked
+    against the staged shape, not the live one, merges, and one commit applies both."""
+    state = {"x": torch.randn(4, 8), "y": torch.randn(3)}
+    coord = hotweights.coordinator.start_embedded()
+    model = torch.nn.ParameterDict({"x": torch.nn.Parameter(torch.zeros(4, 8)),
+                                    "y": torch.nn.Parameter(torch.zeros(3))})
+    pub = hotweights.Publisher(lambda: state, name="r", endpoint=coord.endpoint, serve_late=False)
+    h = model.register_hotweights(name="r", endpoint=coord.endpoint, commit="manual",
+                                  swap="storage", accept_reshape=True)
+    try:
+        h.wait(pub.publish("v1").version, timeout=30)
+        state["x"] = torch.randn(6, 8)  # v2 reshapes x
+        h.wait(pub.publish("v2").version, timeout=30, apply=False)
+        assert tuple(model["x"].shape) == (4, 8)
+        state["x"] = state["x"] + 1  # v3: new values, the staged shape
+        state["y"] = state["y"] * 2
+        r3 = pub.publish("v3")
+        assert h.wait(r3.version, timeout=30, apply=False) == r3.version and h.refused == {}
+        assert h.commit() == r3.version
+        assert tuple(model["x"].shape) == (6, 8)
+        assert torch.equal(model["x"].detach(), state["x"]) and torch.equal(model["y"].detach(), state["y"])
+        assert [r[0] for r in h.last_commit.reshaped] == ["x"]
+    finally:
+        h.close()
+        pub.close()
+        coord.stop()
+
+
+def test_an_apply_that_times_out_keeps_its_version_under_a_newer_one(coord):
+    """commit(timeout) takes v2 and waits for a running forward; v3 (planned from v2) is
+    staged meanwhile; the timed-out apply merges v2 back under v3 instead of losing it, and
+    the next commit applies both exactly."""
+    import threading
+
+    src, m = make_model(91), make_model(92)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, serve_late=False)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    in_forward, leave = threading.Event(), threading.Event()
+
+    def long_forward():  # holds the forward lock like a running forward
+        h._lock.acquire_read()
+        in_forward.set()
+        leave.wait(30)
+        h._lock.release_read()
+
+    fwd = threading.Thread(target=long_forward, daemon=True)
+    try:
+        h.wait(pub.publish("v1").version, timeout=30)
+        with torch.no_grad():
+            src[0].weight.add_(1.0)
+        h.wait(pub.publish("v2").version, timeout=30, apply=False)
+        fwd.start()
+        assert in_forward.wait(10)
+        outcome = []
+
+        def commit():
+            try:
+                outcome.append(h.commit(timeout=2.0))
+            except TimeoutError as e:
+                outcome.append(e)
+
+        c = threading.Thread(target=commit, daemon=True)
+        c.start()
+        end = time.monotonic() + 10
+        while h.staged_version is not None and time.monotonic() < end:
+            time.sleep(0.01)  # the commit has taken v2
+        with torch.no_grad():
+            src[4].bias.add_(1.0)
+        r3 = pub.publish("v3")
+        assert Plan.from_bytes(Client(coord).plan("m", r3.version)).bases[h.client_id] == 2
+        c.join(10)
+        assert isinstance(outcome[0], TimeoutError) and h.version == 1
+        assert h.staged_version == 3
+        leave.set()
+        fwd.join(10)
+        assert h.commit(timeout=10) == 3 and h.refused == {}
+        assert sorted(h.last_commit.changed) == ["0.weight", "4.bias"]
+        assert same_state(snapshot(m), snapshot(src))
+    finally:
+        leave.set()
+        h.close()
+        pub.close()

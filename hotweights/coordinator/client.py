@@ -418,10 +418,11 @@ class Client:
         return self._as(client_id, "abort", {"client_id": client_id, "model": model,
                                              "version": version, "reason": reason})
 
-    def applied(self, client_id: str, model: str, version: int, behind: bool = False) -> dict:
-        """This subscriber now serves ``version``. ``behind``: it dropped or refused a newer
-        committed version it cannot apply on top of this one (Note [Delta base]) and asks the
-        publisher for a catch-up."""
+    def applied(self, client_id: str, model: str, version: int | None,
+                behind: bool = False) -> dict:
+        """This subscriber now serves ``version``. ``behind``: it dropped, lost or refused a
+        newer committed version it cannot apply on top of this one (Note [Delta base]) and
+        asks the publisher for a catch-up (``version`` None: it has applied nothing yet)."""
         return self._as(client_id, "applied", {"client_id": client_id, "model": model,
                                                "version": version, "behind": behind})
 

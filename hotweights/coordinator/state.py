@@ -515,12 +515,12 @@ class State:
         if cid not in vrec["precommitted"]:
             vrec["precommitted"].append(cid)
             self._put_version(vrec)
-            rec["state"], rec["behind"] = "precommitted", False
+            rec["state"] = "precommitted"  # (behind clears when it commits: _hold)
             self._put_client(rec)
             self._event(a["model"], "precommit", version=vrec["version"], client_id=cid)
             self._evaluate(vrec)
             if vrec["state"] == "committed":  # (a late vote on a committed version)
-                self._hold(cid, vrec["version"])
+                self._hold(vrec, cid)
         return {"state": vrec["state"]}
 
     @staticmethod
@@ -543,6 +543,8 @@ class State:
                 vrec["precommitted"].remove(cid)
             self._put_version(vrec)
             rec["state"], rec["behind"] = "rejected", False  # refusals are not retried
+            if rec.get("holds") == vrec["version"]:  # refused after its vote: not held
+                rec["holds"] = rec["version"]
             self._put_client(rec)
             self._event(a["model"], "reject", version=vrec["version"], client_id=cid,
                         reason=a["reason"])
@@ -564,27 +566,40 @@ class State:
         return {"state": vrec["state"]}
 
     def applied(self, a: dict) -> dict:
-        """A subscriber swapped to this (committed) version."""
+        """A subscriber swapped to this (committed) version; ``behind``: it holds nothing newer
+        (it dropped or lost what it had staged) and asks for a catch-up - also with no version
+        applied at all (``version`` None: the catch-up is a full send)."""
         rec = self._member(a["client_id"], a["model"], "subscriber", "applied")
-        vrec = self._version(a["model"], a["version"])
-        if vrec["state"] != "committed":
-            raise _err("bad_state", f"applied: version {vrec['version']} of model "
-                                    f"{a['model']!r} is {vrec['state']}, not committed")
         cid = rec["client_id"]
-        v = vrec["version"]
-        rec["version"], rec["state"], rec["behind"] = v, "applied", bool(a["behind"])
-        # behind: it holds nothing newer (it dropped what it had staged)
+        if a["version"] is None:
+            if not a["behind"]:
+                raise _err("bad_args", "applied: version is required unless behind=True")
+            vrec, v = None, None
+        else:
+            vrec = self._version(a["model"], a["version"])
+            if vrec["state"] != "committed":
+                raise _err("bad_state", f"applied: version {vrec['version']} of model "
+                                        f"{a['model']!r} is {vrec['state']}, not committed")
+            v = vrec["version"]
+            rec["version"], rec["state"] = v, "applied"
         held = rec.get("holds")
-        rec["holds"] = v if rec["behind"] or held is None or held < v else held
+        if a["behind"]:
+            rec["behind"], rec["holds"] = True, v
+        else:
+            # an older staged version applied late keeps the request (it cannot cover a newer
+            # one); holds never goes back
+            current = self.models[a["model"]]["current"]
+            rec["behind"] = bool(rec.get("behind")) and (current is None or v < current)
+            rec["holds"] = v if held is None or held < v else held
         self._put_client(rec)
-        if cid not in vrec["applied"]:
+        if vrec is not None and cid not in vrec["applied"]:
             vrec["applied"].append(cid)
             self._put_version(vrec)
-            self._event(a["model"], "applied", version=vrec["version"], client_id=cid)
-        if rec["behind"]:  # publishers serve it a catch-up (replicate.py, Note [Delta base])
+            self._event(a["model"], "applied", version=v, client_id=cid)
+        if a["behind"]:  # publishers serve it a catch-up (replicate.py, Note [Delta base])
             self._event(a["model"], "client", action="behind", client_id=cid, role=rec["role"],
-                        node=rec["node"], device=rec["device"], version=vrec["version"])
-        return {"state": vrec["state"]}
+                        node=rec["node"], device=rec["device"], version=v)
+        return {"state": vrec["state"] if vrec is not None else None}
 
     def _evaluate(self, vrec: dict) -> None:
         """Commits (or aborts) a transferring version whose quorum question is settled."""
@@ -620,18 +635,22 @@ class State:
         self._event(model, "commit", version=v, precommitted=list(vrec["precommitted"]))
         self.count("versions.committed")
         for cid in vrec["precommitted"]:
-            self._hold(cid, v)
+            self._hold(vrec, cid)
         # An older version still in flight can never become current any more.
         for older in list(self.versions[model].values()):
             if older["version"] < v and older["state"] == "transferring":
                 self._abort(older, f"superseded by version {v}")
 
-    def _hold(self, cid: str, v: int) -> None:
+    def _hold(self, vrec: dict, cid: str) -> None:
         """A subscriber whose precommitted version committed holds it (staged or applied): the
-        next delta for it is planned from it (Note [Delta base] in replicate.py)."""
+        next delta for it is planned from it (Note [Delta base] in replicate.py), and a
+        catch-up it asked for is served."""
         rec = self.clients.get(cid)
-        if rec is not None and (rec.get("holds") is None or rec["holds"] < v):
-            rec["holds"] = v
+        v = vrec["version"]
+        if rec is None or rec["model"] != vrec["model"] or rec["role"] != "subscriber":
+            return  # (re-registered for another model meanwhile)
+        if rec.get("holds") is None or rec["holds"] < v:
+            rec["holds"], rec["behind"] = v, False
             self._put_client(rec)
 
     def _abort(self, vrec: dict, reason: str) -> None:
