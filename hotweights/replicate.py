@@ -841,6 +841,7 @@ class Publisher:
                 for rel, entry in done:
                     if entry is not None:
                         self._settle_sends(entry[5], entry[1])
+                progress = []  # the callers' callbacks run after the lock is released
                 with self._cv:
                     for rel, entry in done:
                         if entry is None:
@@ -863,15 +864,17 @@ class Publisher:
                             self.metrics.window(self.window)
                             xfer.acked_bytes += int(xfer.plan.piece_length[xfer.plan.pieces(b)].sum())
                             if xfer.progress is not None:
-                                try:  # the caller's: it must not stop the releases
-                                    xfer.progress(xfer.acked_bytes, xfer.plan.total_bytes)
-                                except Exception as e:
-                                    log.warning("publisher %s: progress callback raised %r",
-                                                self.name, e)
+                                progress.append((xfer.progress, xfer.acked_bytes,
+                                                 xfer.plan.total_bytes))
                         elif xfer is self._transfer and not xfer.failed:
                             self._handle_failure(xfer, b, rel)
                     self._report_inflight()
                     self._cv.notify_all()
+                for fn, acked, total in progress:
+                    try:  # the caller's: it must not stop the releases
+                        fn(acked, total)
+                    except Exception as e:
+                        log.warning("publisher %s: progress callback raised %r", self.name, e)
         finally:
             self.client.release_thread()
 
