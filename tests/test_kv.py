@@ -580,6 +580,13 @@ def test_requantize_saturates_and_follows_strides(device):
     q = torch.tensor([448.0, -448.0, 1.0, float("nan")]).to(torch.float8_e4m3fn)
     out = kv.requantize_fp8(q.to(device), 1.0, 0.25).cpu().float()
     assert out[:3].tolist() == [448.0, -448.0, 4.0] and math.isnan(out[3])
+    # NaNs keep their sign bit, as torch's own conversion does (CPU and CUDA alike)
+    for dtype, nans in ((torch.float8_e4m3fn, [0x7F, 0xFF]),
+                        (torch.float8_e5m2, [0x7D, 0x7E, 0x7F, 0xFD, 0xFE, 0xFF])):
+        qn = torch.tensor(nans, dtype=torch.uint8).view(dtype)
+        got = kv.requantize_fp8(qn.to(device), 1.0, 2.0).cpu().view(torch.uint8)
+        ref = (qn.float() / 2.0).to(dtype).view(torch.uint8)
+        assert got.tolist() == ref.tolist() == [0x7F | (b & 0x80) for b in nans]
     # HND physical order with per-head scales along logical axis 3.
     phys = _rand((2, 3, 8, 4, 16), torch.float32, "cpu").to(torch.float8_e4m3fn)
     x = phys.permute(0, 1, 3, 2, 4)

@@ -291,6 +291,9 @@ __device__ __forceinline__ uint8_t requant_one(uint8_t q, float s_old, float s_n
   xh = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(q), Kind);  // exact
   // Same operation order as the CPU kernel: (dequant(q) * s_old) / s_new, IEEE fp32.
   const float y = __fdiv_rn(__fmul_rn(__half2float(xh), s_old), s_new);
+  // NaN keeps its sign, as torch's conversion (and the CPU kernel) does: 0x7F | sign. The GPU
+  // arithmetic returns a canonical positive NaN, so the sign comes from q (scales are finite).
+  if (isnan(y)) return static_cast<uint8_t>(0x7F | (q & 0x80));
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(y, __NV_SATFINITE, Kind));
 }
 
