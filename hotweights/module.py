@@ -146,6 +146,7 @@ class HotweightsHandle:
         self._staged: StagedVersion | None = None
         self._frozen = False  # commit_collective: no new staging between agreement and apply
         self._closed = False
+        self._taken: StagedVersion | None = None  # taken by an apply, not swapped in yet
         self._callbacks: list[Callable[[CommitInfo], None]] = []
         self.version: int | None = None
         self.last_error: str | None = None
@@ -187,8 +188,14 @@ class HotweightsHandle:
             self._sub.recycle(freed)
 
     def _staged_tensors(self) -> dict[str, torch.Tensor]:
-        s = self._staged
-        return dict(s.shadows) if s is not None else {}
+        """What is held and not applied yet: the staged version, over the one an apply has
+        taken and not swapped in yet."""
+        with self._cv:
+            taken, staged = self._taken, self._staged
+        out = dict(taken.shadows) if taken is not None else {}
+        if staged is not None:
+            out.update(staged.shadows)
+        return out
 
     def _on_error(self, version: int, message: str) -> None:
         with self._cv:
@@ -205,7 +212,10 @@ class HotweightsHandle:
         return s.version if s is not None else None
 
     def on_commit(self, callback: Callable[[CommitInfo], None]) -> None:
-        """Calls ``callback(CommitInfo)`` after every applied version (in the applying thread)."""
+        """Calls ``callback(CommitInfo)`` after every applied version, in the applying thread,
+        once the apply has finished (a callback may run a forward or commit). Versions applied
+        by different threads (or by a callback's own forward) may call back out of order:
+        ``info.version < handle.version`` means a newer one is already applied."""
         self._callbacks.append(callback)
 
     def commit(self, timeout: float | None = None) -> int | None:
@@ -237,6 +247,8 @@ class HotweightsHandle:
         if not apply:
             return s.version
         got = self._apply(None if end is None else max(0.0, end - time.monotonic()))
+        if got is None and self.version is not None and self.version >= target:
+            return self.version  # another thread applied it meanwhile
         if got is None and target in self.refused:  # dropped when applied (Note [Delta base])
             raise UpdateError(f"version {target}: {self.refused[target]}")
         return got
@@ -259,20 +271,22 @@ class HotweightsHandle:
             raise RuntimeError("commit_collective: torch.distributed is not initialised")
         with self._cv:
             self._frozen = True
-        info = None
+        info, staged = None, None
         try:
-            self._take_applying(timeout)
-            try:  # (not while another thread applies: its version decides the base)
-                with self._cv:
-                    staged = self._staged
-                    drop = staged is not None and self._wrong_base(staged)  # never agreed on
+            # Not while another thread applies (its version decides the base); and never
+            # raise before the all-reduce, which every rank must join: busy means "-1"
+            if self._applying.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+                try:
+                    with self._cv:
+                        staged = self._staged
+                        drop = staged is not None and self._wrong_base(staged)  # never agreed
+                        if drop:
+                            self._staged = None
                     if drop:
-                        self._staged = None
-                if drop:
-                    self._drop(staged)
-                    staged = None
-            finally:
-                self._applying.release()
+                        self._drop(staged)
+                        staged = None
+                finally:
+                    self._applying.release()
             mine = -1 if staged is None else int(staged.version)
             backend = str(dist.get_backend(group))
             dev = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
@@ -349,8 +363,16 @@ class HotweightsHandle:
     def _apply_locked(self, timeout: float | None) -> CommitInfo | None:
         with self._cv:
             staged, self._staged = self._staged, None
+            self._taken = staged  # still what this subscriber holds (_staged_tensors)
         if staged is None:
             return None
+        try:
+            return self._apply_taken(staged, timeout)
+        finally:
+            with self._cv:
+                self._taken = None
+
+    def _apply_taken(self, staged: StagedVersion, timeout: float | None) -> CommitInfo | None:
         if self._wrong_base(staged):
             self._drop(staged)
             return None
@@ -370,6 +392,7 @@ class HotweightsHandle:
                     self._staged = staged
                 else:
                     self._staged, freed = self._staged.onto(staged)
+                self._cv.notify_all()  # a wait() may apply it now
             if freed:
                 self._sub.recycle(freed)
             raise TimeoutError(f"hotweights {self.name!r}: forwards kept running for {timeout} s; "

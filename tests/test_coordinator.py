@@ -492,6 +492,9 @@ def test_behind_asks_for_a_catch_up_until_the_next_vote(h):
     cl.applied(s3, "m", None, behind=True)
     rec = cl.get_client(s3)
     assert rec["behind"] and rec["holds"] is None and rec["version"] is None
+    with pytest.raises(CoordinatorError) as ei:  # s1 has applied v1: it must say so
+        cl.applied(s1, "m", None, behind=True)
+    assert ei.value.code == "bad_state" and "has applied version 1" in str(ei.value)
     # a refusal after its vote: the version is not held
     v6 = cl.publish(pub, "m", b"m6")["version"]
     for s in (s1, s2, s3):

@@ -826,3 +826,49 @@ def test_an_apply_that_times_out_keeps_its_version_under_a_newer_one(coord):
         leave.set()
         h.close()
         pub.close()
+
+
+def test_a_reshape_being_applied_still_takes_the_next_delta():
+    """While an apply holds a staged reshape (waiting for a running forward), the next delta
+    is checked against that held shape, not the live one."""
+    import threading
+
+    state = {"x": torch.randn(4, 8), "y": torch.randn(3)}
+    coord = hotweights.coordinator.start_embedded()
+    model = torch.nn.ParameterDict({"x": torch.nn.Parameter(torch.zeros(4, 8)),
+                                    "y": torch.nn.Parameter(torch.zeros(3))})
+    pub = hotweights.Publisher(lambda: state, name="r", endpoint=coord.endpoint, serve_late=False)
+    h = model.register_hotweights(name="r", endpoint=coord.endpoint, commit="manual",
+                                  swap="storage", accept_reshape=True)
+    leave, in_forward = threading.Event(), threading.Event()
+
+    def long_forward():
+        h._lock.acquire_read()
+        in_forward.set()
+        leave.wait(30)
+        h._lock.release_read()
+
+    fwd = threading.Thread(target=long_forward, daemon=True)
+    try:
+        h.wait(pub.publish("v1").version, timeout=30)
+        state["x"] = torch.randn(6, 8)
+        h.wait(pub.publish("v2").version, timeout=30, apply=False)
+        fwd.start()
+        assert in_forward.wait(10)
+        c = threading.Thread(target=lambda: h.commit(timeout=20), daemon=True)
+        c.start()  # takes v2, waits for the forward
+        end = time.monotonic() + 10
+        while h.staged_version is not None and time.monotonic() < end:
+            time.sleep(0.01)
+        state["x"] = state["x"] + 1
+        r3 = pub.publish("v3")
+        assert r3.state == "committed" and h.wait(r3.version, timeout=30, apply=False) == 3
+        leave.set()
+        c.join(20)
+        assert h.version == 2 and h.commit() == 3 and h.refused == {}
+        assert torch.equal(model["x"].detach(), state["x"])
+    finally:
+        leave.set()
+        h.close()
+        pub.close()
+        coord.stop()

@@ -574,6 +574,9 @@ class State:
         if a["version"] is None:
             if not a["behind"]:
                 raise _err("bad_args", "applied: version is required unless behind=True")
+            if rec["version"] is not None:
+                raise _err("bad_state", f"applied: client {cid!r} has applied version "
+                                        f"{rec['version']}; behind=True needs that version")
             vrec, v = None, None
         else:
             vrec = self._version(a["model"], a["version"])
