@@ -179,12 +179,19 @@ class HotweightsHandle:
                 self._cv.wait()
             if self._closed:
                 return
-            freed = {}
-            if self._staged is not None:  # not applied yet: merged or replaced (Note [Delta base])
-                staged, freed = staged.onto(self._staged)
-            self._staged = staged
-            self._cv.notify_all()
-        if freed:  # superseded before they were applied: back to the pool
+            self._stage_locked(self._staged, staged)
+
+    def _stage_locked(self, older: StagedVersion | None, newer: StagedVersion | None) -> None:
+        """Under ``_cv``: stages ``newer`` on top of ``older``, two versions not applied yet
+        (either may be None): merged or replaced (Note [Delta base]); what the newer one
+        supersedes goes back to the pool."""
+        freed = {}
+        if older is None or newer is None:
+            self._staged = older or newer
+        else:
+            self._staged, freed = newer.onto(older)
+        self._cv.notify_all()  # a wait() may apply it now
+        if freed:
             self._sub.recycle(freed)
 
     def _staged_tensors(self) -> dict[str, torch.Tensor]:
@@ -275,7 +282,7 @@ class HotweightsHandle:
         try:
             # Not while another thread applies (its version decides the base); and never
             # raise before the all-reduce, which every rank must join: busy means "-1"
-            if self._applying.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            if self._acquire_applying(timeout):
                 try:
                     with self._cv:
                         staged = self._staged
@@ -325,8 +332,11 @@ class HotweightsHandle:
     def _apply(self, timeout: float | None = None) -> int | None:
         return self._after_apply(self._apply_once(timeout))
 
+    def _acquire_applying(self, timeout: float | None) -> bool:
+        return self._applying.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
+
     def _take_applying(self, timeout: float | None) -> None:
-        if not self._applying.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+        if not self._acquire_applying(timeout):
             raise TimeoutError(f"hotweights {self.name!r}: another thread kept applying for "
                                f"{timeout} s")
 
@@ -387,14 +397,7 @@ class HotweightsHandle:
                                   "accept_reshape=True)")
         if not self._lock.acquire_write(timeout):
             with self._cv:  # keep it staged for later (merged under one that came meanwhile)
-                freed = {}
-                if self._staged is None:
-                    self._staged = staged
-                else:
-                    self._staged, freed = self._staged.onto(staged)
-                self._cv.notify_all()  # a wait() may apply it now
-            if freed:
-                self._sub.recycle(freed)
+                self._stage_locked(staged, self._staged)
             raise TimeoutError(f"hotweights {self.name!r}: forwards kept running for {timeout} s; "
                                f"version {staged.version} stays staged")
         cuda = self._sub.device.type == "cuda"

@@ -38,14 +38,20 @@ def _reader(i, handle, device, q):
     r.close()
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_export_once_fill_read_in_another_process(device):
-    ring = ipc.SlotRing(SLOT, 3, device)
-    for s in range(3):
+def _filled_ring(device, slots: int) -> ipc.SlotRing:
+    """A ring with each slot holding its _pattern, written and recorded."""
+    ring = ipc.SlotRing(SLOT, slots, device)
+    for s in range(slots):
         ring.slot(s).copy_(_pattern(s).to(ring.device))
         ring.record(s)
     if device == "cuda":
         torch.cuda.synchronize()
+    return ring
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_export_once_fill_read_in_another_process(device):
+    ring = _filled_ring(device, 3)
     q = mp.get_context("spawn").Queue()
     with spawned(_reader, ring.handle(), device, q, timeout=120):
         results = [q.get(timeout=120) for _ in range(3)]
@@ -59,12 +65,7 @@ def test_a_ring_opened_in_the_process_that_exported_it(device):
     """A publisher and a subscriber in one process: the import reads the ring's own bytes
     (CUDA IPC cannot open a mapping in the exporting process: a view of the ring itself;
     CPU maps the memfd a second time)."""
-    ring = ipc.SlotRing(SLOT, 2, device)
-    for s in range(2):
-        ring.slot(s).copy_(_pattern(s).to(ring.device))
-        ring.record(s)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    ring = _filled_ring(device, 2)
     imp = ipc.open_ring(ring.handle(), device)
     try:
         assert imp.slots == 2 and imp.slot_bytes == SLOT and imp.source_device == ring.device

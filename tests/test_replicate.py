@@ -4,10 +4,12 @@ killed subscribers and publishers, corrupted slots, late joiners, mismatched mod
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -411,6 +413,80 @@ def test_staged_versions_merge_until_applied(coord):
         pub.close()
 
 
+def _lose_first_staging(h) -> list:
+    """Makes the subscriber lose the next version it stages (a failure after its precommit);
+    returns the list that gets that version."""
+    real, lost = h._sub.on_staged, []
+
+    def lose_once(staged):
+        if not lost:
+            lost.append(staged.version)
+            raise RuntimeError("injected: the staging was lost")
+        real(staged)
+
+    h._sub.on_staged = lose_once
+    return lost
+
+
+@contextlib.contextmanager
+def _held_forward(h):
+    """A forward that runs until the block ends (it holds the forward lock)."""
+    in_forward, leave = threading.Event(), threading.Event()
+
+    def long_forward():
+        h._lock.acquire_read()
+        in_forward.set()
+        leave.wait(30)
+        h._lock.release_read()
+
+    fwd = threading.Thread(target=long_forward, daemon=True)
+    fwd.start()
+    try:
+        assert in_forward.wait(10)
+        yield
+    finally:
+        leave.set()
+        fwd.join(10)
+
+
+def _commit_in_background(h, timeout: float):
+    """Starts h.commit(timeout) in a thread and returns once it has taken the staged version:
+    (the thread, a list that gets its result or its TimeoutError)."""
+    outcome = []
+
+    def commit():
+        try:
+            outcome.append(h.commit(timeout=timeout))
+        except TimeoutError as e:
+            outcome.append(e)
+
+    c = threading.Thread(target=commit, daemon=True)
+    c.start()
+    end = time.monotonic() + 10
+    while h.staged_version is not None and time.monotonic() < end:
+        time.sleep(0.01)
+    return c, outcome
+
+
+@contextlib.contextmanager
+def _reshapable():
+    """A two-tensor dict source and a ParameterDict subscriber that accepts reshapes (manual
+    commits, storage swaps) on their own embedded coordinator: (state, model, pub, h)."""
+    state = {"x": torch.randn(4, 8), "y": torch.randn(3)}
+    coord = hotweights.coordinator.start_embedded()
+    model = torch.nn.ParameterDict({"x": torch.nn.Parameter(torch.zeros(4, 8)),
+                                    "y": torch.nn.Parameter(torch.zeros(3))})
+    pub = hotweights.Publisher(lambda: state, name="r", endpoint=coord.endpoint, serve_late=False)
+    h = model.register_hotweights(name="r", endpoint=coord.endpoint, commit="manual",
+                                  swap="storage", accept_reshape=True)
+    try:
+        yield state, model, pub, h
+    finally:
+        h.close()
+        pub.close()
+        coord.stop()
+
+
 def test_a_lost_staging_is_followed_by_a_catch_up(coord):
     """Note [Delta base]: a subscriber whose staging of v2 was lost (a failure after its
     precommit) cannot take v3, planned from v2: it refuses it and asks for a catch-up
@@ -425,15 +501,7 @@ def test_a_lost_staging_is_followed_by_a_catch_up(coord):
         v1 = pub.publish("v1").version
         h.wait(v1, timeout=30)
         h2.wait(v1, timeout=30)
-        real, lost = h._sub.on_staged, []
-
-        def lose_once(staged):
-            if not lost:
-                lost.append(staged.version)
-                raise RuntimeError("injected: the staging was lost")
-            real(staged)
-
-        h._sub.on_staged = lose_once
+        lost = _lose_first_staging(h)
         with torch.no_grad():
             src[0].weight.add_(1.0)
         r2 = pub.publish("v2")
@@ -615,7 +683,6 @@ def test_rapid_deltas_with_forwards_at_any_time_never_drop_or_miss_a_tensor(coor
     and no version was refused or dropped (planned from the applied version, as before the
     merge, the forward-applying subscriber dropped deltas here)."""
     import random
-    import threading
 
     src, fwd_model, manual_model = make_model(61), make_model(62), make_model(63)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, serve_late=False)
@@ -675,8 +742,6 @@ def test_rapid_deltas_with_forwards_at_any_time_never_drop_or_miss_a_tensor(coor
 def test_on_commit_callbacks_may_run_forwards_that_apply_the_next_version(coord):
     """Callbacks run after the apply has finished (outside its lock): a callback whose
     forward finds the next version staged applies it (nested), instead of deadlocking."""
-    import threading
-
     src, m = make_model(71), make_model(72)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, serve_late=False)
     h = m.register_hotweights(name="m", endpoint=coord, commit="on_forward")
@@ -719,15 +784,7 @@ def test_a_subscriber_that_lost_its_first_staging_is_caught_up_in_full(coord):
     src, m = make_model(81), make_model(82)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192)
     h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
-    real, lost = h._sub.on_staged, []
-
-    def lose_once(staged):
-        if not lost:
-            lost.append(staged.version)
-            raise RuntimeError("injected: the staging was lost")
-        real(staged)
-
-    h._sub.on_staged = lose_once
+    lost = _lose_first_staging(h)
     try:
         assert pub.publish("v1").state == "committed" and lost == [1]
         with torch.no_grad():
@@ -746,14 +803,7 @@ def test_a_subscriber_that_lost_its_first_staging_is_caught_up_in_full(coord):
 def test_a_reshape_staged_and_not_applied_takes_the_next_delta():
     """accept_reshape with a version staged and not applied: the next delta is checked
     against the staged shape, not the live one, merges, and one commit applies both."""
-    state = {"x": torch.randn(4, 8), "y": torch.randn(3)}
-    coord = hotweights.coordinator.start_embedded()
-    model = torch.nn.ParameterDict({"x": torch.nn.Parameter(torch.zeros(4, 8)),
-                                    "y": torch.nn.Parameter(torch.zeros(3))})
-    pub = hotweights.Publisher(lambda: state, name="r", endpoint=coord.endpoint, serve_late=False)
-    h = model.register_hotweights(name="r", endpoint=coord.endpoint, commit="manual",
-                                  swap="storage", accept_reshape=True)
-    try:
+    with _reshapable() as (state, model, pub, h):
         h.wait(pub.publish("v1").version, timeout=30)
         state["x"] = torch.randn(6, 8)  # v2 reshapes x
         h.wait(pub.publish("v2").version, timeout=30, apply=False)
@@ -766,64 +816,33 @@ def test_a_reshape_staged_and_not_applied_takes_the_next_delta():
         assert tuple(model["x"].shape) == (6, 8)
         assert torch.equal(model["x"].detach(), state["x"]) and torch.equal(model["y"].detach(), state["y"])
         assert [r[0] for r in h.last_commit.reshaped] == ["x"]
-    finally:
-        h.close()
-        pub.close()
-        coord.stop()
 
 
 def test_an_apply_that_times_out_keeps_its_version_under_a_newer_one(coord):
     """commit(timeout) takes v2 and waits for a running forward; v3 (planned from v2) is
     staged meanwhile; the timed-out apply merges v2 back under v3 instead of losing it, and
     the next commit applies both exactly."""
-    import threading
-
     src, m = make_model(91), make_model(92)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=8192, serve_late=False)
     h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
-    in_forward, leave = threading.Event(), threading.Event()
-
-    def long_forward():  # holds the forward lock like a running forward
-        h._lock.acquire_read()
-        in_forward.set()
-        leave.wait(30)
-        h._lock.release_read()
-
-    fwd = threading.Thread(target=long_forward, daemon=True)
     try:
         h.wait(pub.publish("v1").version, timeout=30)
         with torch.no_grad():
             src[0].weight.add_(1.0)
         h.wait(pub.publish("v2").version, timeout=30, apply=False)
-        fwd.start()
-        assert in_forward.wait(10)
-        outcome = []
-
-        def commit():
-            try:
-                outcome.append(h.commit(timeout=2.0))
-            except TimeoutError as e:
-                outcome.append(e)
-
-        c = threading.Thread(target=commit, daemon=True)
-        c.start()
-        end = time.monotonic() + 10
-        while h.staged_version is not None and time.monotonic() < end:
-            time.sleep(0.01)  # the commit has taken v2
-        with torch.no_grad():
-            src[4].bias.add_(1.0)
-        r3 = pub.publish("v3")
-        assert Plan.from_bytes(Client(coord).plan("m", r3.version)).bases[h.client_id] == 2
-        c.join(10)
-        assert isinstance(outcome[0], TimeoutError) and h.version == 1
-        assert h.staged_version == 3
-        leave.set()
-        fwd.join(10)
+        with _held_forward(h):
+            c, outcome = _commit_in_background(h, 2.0)  # it has taken v2
+            with torch.no_grad():
+                src[4].bias.add_(1.0)
+            r3 = pub.publish("v3")
+            assert Plan.from_bytes(Client(coord).plan("m", r3.version)).bases[h.client_id] == 2
+            c.join(10)
+            assert isinstance(outcome[0], TimeoutError) and h.version == 1
+            assert h.staged_version == 3
         assert h.commit(timeout=10) == 3 and h.refused == {}
         assert sorted(h.last_commit.changed) == ["0.weight", "4.bias"]
         assert same_state(snapshot(m), snapshot(src))
     finally:
-        leave.set()
         h.close()
         pub.close()
 
@@ -831,44 +850,16 @@ def test_an_apply_that_times_out_keeps_its_version_under_a_newer_one(coord):
 def test_a_reshape_being_applied_still_takes_the_next_delta():
     """While an apply holds a staged reshape (waiting for a running forward), the next delta
     is checked against that held shape, not the live one."""
-    import threading
-
-    state = {"x": torch.randn(4, 8), "y": torch.randn(3)}
-    coord = hotweights.coordinator.start_embedded()
-    model = torch.nn.ParameterDict({"x": torch.nn.Parameter(torch.zeros(4, 8)),
-                                    "y": torch.nn.Parameter(torch.zeros(3))})
-    pub = hotweights.Publisher(lambda: state, name="r", endpoint=coord.endpoint, serve_late=False)
-    h = model.register_hotweights(name="r", endpoint=coord.endpoint, commit="manual",
-                                  swap="storage", accept_reshape=True)
-    leave, in_forward = threading.Event(), threading.Event()
-
-    def long_forward():
-        h._lock.acquire_read()
-        in_forward.set()
-        leave.wait(30)
-        h._lock.release_read()
-
-    fwd = threading.Thread(target=long_forward, daemon=True)
-    try:
+    with _reshapable() as (state, model, pub, h):
         h.wait(pub.publish("v1").version, timeout=30)
         state["x"] = torch.randn(6, 8)
         h.wait(pub.publish("v2").version, timeout=30, apply=False)
-        fwd.start()
-        assert in_forward.wait(10)
-        c = threading.Thread(target=lambda: h.commit(timeout=20), daemon=True)
-        c.start()  # takes v2, waits for the forward
-        end = time.monotonic() + 10
-        while h.staged_version is not None and time.monotonic() < end:
-            time.sleep(0.01)
-        state["x"] = state["x"] + 1
-        r3 = pub.publish("v3")
-        assert r3.state == "committed" and h.wait(r3.version, timeout=30, apply=False) == 3
-        leave.set()
+        with _held_forward(h):
+            c, _ = _commit_in_background(h, 20)  # it has taken v2, waits for the forward
+            state["x"] = state["x"] + 1
+            r3 = pub.publish("v3")
+            assert r3.state == "committed" and h.wait(r3.version, timeout=30, apply=False) == 3
         c.join(20)
         assert h.version == 2 and h.commit() == 3 and h.refused == {}
         assert torch.equal(model["x"].detach(), state["x"])
-    finally:
-        leave.set()
-        h.close()
-        pub.close()
-        coord.stop()
+
