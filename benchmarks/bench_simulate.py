@@ -186,7 +186,7 @@ def main():
         cases_by_k = {1: [(64, None, False), (256, None, False), (16, None, False), (64, 1, False)],
                       2: [(64, None, False)]}
         if args.quick:
-            cases_by_k = {1: [(64, None, False), (16, None, False)]}
+            cases_by_k = {1: [(64, None, False), (16, None, False), (256, None, False)]}
     numel = mib * 2**20 // 4 // N_TENSORS
     rows, details = [], []
     ctx = mp.get_context("spawn")

@@ -1025,11 +1025,20 @@ def link_table(res: dict, path: str | None = None) -> dict:
                 "with 4 KiB buckets (Publisher, embedded coordinator, K spawned subscribers): "
                 f"{what}, by subscriber count K")
     f = fits[path]
+    lat = (f.get("latency") or {}).get("Bps") if gpu else None
     for stage in ("gather", "scatter"):
         fit = f.get(stage)
         if fit and fit["Bps"]:
             put(f"{stage}_Bps", fit["Bps"], f"{path} {stage}+hash, fit over bucket sizes at window 1")
             put(f"{stage}_fixed_s", fit["fixed_s"], f"{path} {stage} fixed cost per bucket (same fit)")
+        elif fit and lat:
+            # On a GPU a bucket's copy takes tens of microseconds and each stage's fixed cost
+            # (launch, synchronize, Python) dominates: its own fit finds no positive slope.
+            # The bucket's whole latency (gather + scatter, one after the other) still grows
+            # with its size: each of the two copies gets twice that fitted rate.
+            put(f"{stage}_Bps", 2 * lat, f"{path}: twice the per-bucket latency's fitted rate "
+                f"(gather then scatter; the {stage} fit alone found no positive slope)")
+            put(f"{stage}_fixed_s", fit["fixed_s"], f"{path} {stage} fixed cost per bucket")
     if not gpu:
         put("parallel_copy_Bps", dict(res.get("parallel_copy_Bps") or {}) or None,
             "aggregate gather+hash rate of k processes copying at once")

@@ -96,6 +96,16 @@ DIRECT_UNAVAILABLE = "direct read unavailable"
 # bucket_bytes): a bucket holds no memory there, and each costs a few coordinator round trips
 # per subscriber.
 DIRECT_BUCKET_BYTES = 256 << 20
+# On a GPU a bucket's copy takes microseconds (64 MiB: ~30 us at 2 TB/s) while its control
+# work (gather, announce, scatter, ack, release: Python and coordinator round trips) takes
+# ~1.5 ms (measured on an H200, docs/BENCHMARKS.md "GPU, session 5"): a CUDA publisher of a
+# model of at least CUDA_BIG_MODEL_BYTES uses buckets of CUDA_BUCKET_BYTES and a ring of at most
+# CUDA_SLOTS slots (1 GiB) unless bucket_mb / ipc_max_inflight (or bucket_bytes / slots) are
+# set, and plans its direct versions in buckets of CUDA_DIRECT_BUCKET_BYTES (no memory held).
+CUDA_BUCKET_BYTES = 256 << 20
+CUDA_SLOTS = 4
+CUDA_BIG_MODEL_BYTES = 1 << 30
+CUDA_DIRECT_BUCKET_BYTES = 1 << 30
 # A direct version's handles posted with the version itself: at most this many (the protocol's
 # bound on publish(handles=...)) and about this many bytes of piece tables.
 EARLY_HANDLES = 256
@@ -238,8 +248,17 @@ class Publisher:
                        else _device_of(_tensors_of(source)))
         self.bucket_bytes = int(bucket_bytes or self.cfg.bucket_bytes)
         # direct versions: at least DIRECT_BUCKET_BYTES, unless bucket_bytes was given
-        self._direct_bucket_bytes = int(bucket_bytes or max(self.bucket_bytes, DIRECT_BUCKET_BYTES))
+        direct_min = DIRECT_BUCKET_BYTES
         self.slots = int(slots or self.cfg.ipc_max_inflight)
+        if self.device.type == "cuda" and not self._bucket_source:
+            direct_min = CUDA_DIRECT_BUCKET_BYTES
+            big = sum(t.numel() * t.element_size()
+                      for t in _tensors_of(source).values()) >= CUDA_BIG_MODEL_BYTES
+            if big and not bucket_bytes and "bucket_mb" not in self.cfg.explicit:
+                self.bucket_bytes = max(self.bucket_bytes, CUDA_BUCKET_BYTES)
+                if not slots and "ipc_max_inflight" not in self.cfg.explicit:
+                    self.slots = min(self.slots, CUDA_SLOTS)
+        self._direct_bucket_bytes = int(bucket_bytes or max(self.bucket_bytes, direct_min))
         if self.bucket_bytes % 256:
             raise ValueError(f"Publisher: bucket_bytes={self.bucket_bytes}, expected a multiple of 256")
         self.quorum = quorum

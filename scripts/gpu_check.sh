@@ -11,7 +11,8 @@
 # A rerun can pick its steps and reuse the first run's build, which comes back as $OUT/_C.so:
 #   GPU_CHECK_STEPS="pytest bench" (default "build pytest bench topo"; without "build" the carried
 #     hotweights/_C.cpython-312-x86_64-linux-gnu.so is used), GPU_CHECK_BENCH="bench_copy bench_kv"
-#     (default all), GPU_CHECK_PYTEST="tests/test_ipc.py" (default tests), GPU_CHECK_BUDGET_S.
+#     (default all), GPU_CHECK_PYTEST="tests/test_ipc.py" (default tests), GPU_CHECK_BUDGET_S,
+#     GPU_CHECK_GDB="tests/x.py::test_y" (native backtraces under cuda-gdb of tests that crash).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-./gpu_check_out}"
@@ -69,9 +70,18 @@ fi
 $PY -m hotweights info --json > "$W/info.json" 2> "$W/info.err" || status=1
 $PY -m hotweights info 2>&1 | head -30
 
+if [ -n "${GPU_CHECK_GDB:-}" ]; then  # native backtraces of tests that crash the interpreter
+  step "cuda-gdb: $GPU_CHECK_GDB"
+  for t in $GPU_CHECK_GDB; do
+    timeout 75 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info registers rip" \
+      --args $PY -m pytest -q -p no:cacheprovider "$t" >> "$W/gdb.log" 2>&1
+    grep -A25 -E "^Thread .* received signal|SIGSEGV" "$W/gdb.log" | grep -E "^#|signal" | head -30 \
+      | tee -a "$W/summary.txt"
+  done
+fi
 if want pytest; then
   step "pytest -m 'cuda or multigpu'"
-  t=$(( $(left) / 3 )); [ $t -gt 150 ] && t=150; [ $t -lt 30 ] && t=30
+  t=$(( $(left) / 3 )); [ $t -gt ${GPU_CHECK_PYTEST_S:-150} ] && t=${GPU_CHECK_PYTEST_S:-150}; [ $t -lt 30 ] && t=30
   # the image has pytest-xdist: files spread over workers (the CUDA tests are xdist-safe: no
   # fixed ports, no global /dev/shm listing)
   xd=(); $PY -c "import xdist" 2>/dev/null && xd=(-n 8 --dist loadfile)
@@ -87,7 +97,7 @@ want bench && step "benchmarks"
 run_bench() {  # name, then the command
   local name=$1; shift
   want bench && [[ "$BENCH" == *" $name "* ]] || return 0
-  local t=$(( $(left) - 15 )); [ $t -gt 100 ] && t=100
+  local t=$(( $(left) - 15 )); [ $t -gt ${GPU_CHECK_BENCH_S:-100} ] && t=${GPU_CHECK_BENCH_S:-100}
   if [ $t -lt 20 ]; then note "$name SKIPPED: out of time budget"; status=1; return; fi
   echo "--- $name (limit $t s)"
   timeout $t "$@" --out "$W/$name.json" > "$W/$name.log" 2>&1
@@ -96,7 +106,7 @@ run_bench() {  # name, then the command
   if [ $rc -eq 0 ]; then note "$name ok"; else note "$name FAILED (rc=$rc)"; tail -5 "$W/$name.log" >> "$W/summary.txt"; status=1; fi
 }
 # #6's CUDA goals first, then the path table the simulator needs, then its calibration
-run_bench bench_replicate $PY benchmarks/bench_replicate.py --device cuda --quick
+run_bench bench_replicate $PY benchmarks/bench_replicate.py --device cuda   # the 8 GiB model
 run_bench bench_paths $PY benchmarks/bench_paths.py --device cuda --quick \
   --paths h2d_pinned,d2h_pinned,same_device,ipc_same_gpu
 if [ -f "$W/bench_paths.json" ]; then
