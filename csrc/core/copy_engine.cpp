@@ -39,8 +39,8 @@ void check_no_overlap(const std::vector<CopyItem>& items) {
   const Span* far_dst = nullptr;
   const Span* far_any = nullptr;
   auto describe = [&](const Span& s) {
-    return str(s.is_dst ? "destination" : "source", " of item ", s.item, " [0x", std::hex,
-               s.lo, ", 0x", s.hi, std::dec, ")");
+    return str(s.is_dst ? "destination" : "source", " of item ", s.item, " [0x", Hex{s.lo},
+               ", 0x", Hex{s.hi}, ")");
   };
   for (const auto& s : spans) {
     const Span* other = nullptr;

@@ -5,7 +5,6 @@
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
-#include <fstream>
 #include <random>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -53,10 +52,16 @@ std::string errno_text(int e) { return std::string(std::strerror(e)); }
 }  // namespace
 
 uint64_t boot_id_hash() {
-  std::ifstream f("/proc/sys/kernel/random/boot_id");
-  std::string s;
-  if (!(f >> s)) return 0;
-  return hw_digest(s.data(), s.size());
+  // plain read(2), no iostreams (see core/common.h)
+  const int fd = ::open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[64];
+  const ssize_t n = ::read(fd, buf, sizeof buf);
+  ::close(fd);
+  size_t len = n > 0 ? static_cast<size_t>(n) : 0;
+  while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == ' ')) --len;  // as `f >> s` read it
+  if (len == 0) return 0;
+  return hw_digest(buf, len);
 }
 
 std::unique_ptr<ShmRegion> ShmRegion::create(size_t size, const std::string& name) {

@@ -222,8 +222,8 @@ std::string export_memory(uintptr_t ptr, size_t size) {
   using Release = CUresult (*)(CUmemGenericAllocationHandle);
   cudaPointerAttributes attr;
   HW_CUDA_CHECK(cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(ptr)));
-  HW_CHECK_ARG(attr.type == cudaMemoryTypeDevice, "export_memory: pointer 0x", std::hex, ptr,
-               std::dec, " is not device memory");
+  HW_CHECK_ARG(attr.type == cudaMemoryTypeDevice, "export_memory: pointer 0x",
+               Hex{ptr}, " is not device memory");
   DeviceGuard g(attr.device);
   // VMM allocations (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, cuMemCreate) cannot go
   // through legacy IPC: detect them up front and say what to do.
@@ -240,7 +240,8 @@ std::string export_memory(uintptr_t ptr, size_t size) {
   CUdeviceptr base = 0;
   size_t alloc = 0;
   HW_CHECK(driver_fn<GetRange>("cuMemGetAddressRange")(&base, &alloc, ptr) == CUDA_SUCCESS,
-           "export_memory: cuMemGetAddressRange failed for 0x", std::hex, ptr);
+           "export_memory: cuMemGetAddressRange failed for 0x",
+           Hex{ptr});
   HW_CHECK_ARG(ptr + size <= base + alloc, "export_memory: [ptr, ptr + ", size,
                ") runs past the end of its allocation (", alloc, " bytes)");
   MemWire w{};
