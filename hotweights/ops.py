@@ -32,6 +32,8 @@ __all__ = [
     "hash_pieces",
     "bucket_digest",
     "tensor_digest",
+    "finalize_many",
+    "mismatched",
     "digest_host",
     "hw64_partial",
     "hw64_finalize",
@@ -298,6 +300,31 @@ def bucket_digest(partials: np.ndarray, lengths: np.ndarray) -> int:
 def tensor_digest(partials: np.ndarray, nbytes: int) -> int:
     """Checksum of a tensor from the partials of all its pieces (equals checksum(tensor))."""
     return hw64_finalize(int(np.sum(np.asarray(partials, dtype=np.uint64), dtype=np.uint64)), nbytes)
+
+
+# hw_finalize's constants (csrc/core/checksum.h), for the vectorized form below
+_K3, _SEED = np.uint64(0xD6E8FEB86659FD93), np.uint64(0x68777765696768)
+_M1, _M2, _S33 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53), np.uint64(33)
+
+
+def finalize_many(sums: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """hw64_finalize of each (partial sum, byte count) pair, vectorized: the digests of many
+    whole tensors at once (uint64 arithmetic wraps like the C++ one)."""
+    with np.errstate(over="ignore"):
+        h = (np.asarray(sums, dtype=np.uint64) ^ (np.asarray(nbytes).astype(np.uint64) * _K3)) ^ _SEED
+        h ^= h >> _S33
+        h *= _M1
+        h ^= h >> _S33
+        h *= _M2
+        h ^= h >> _S33
+    return h
+
+
+def mismatched(partials: np.ndarray, nbytes: np.ndarray, checksums: np.ndarray) -> np.ndarray:
+    """Indices k where finalize(partials[k], nbytes[k]) differs from checksums[k] (each a
+    whole tensor's partial sum): the vectorized check of many tensors against a manifest."""
+    got = finalize_many(partials, nbytes)
+    return np.flatnonzero(got != np.asarray(checksums).astype(np.uint64))
 
 
 def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,

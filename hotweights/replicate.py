@@ -718,13 +718,14 @@ class Publisher:
             partials = h.partials()
         # Whole pieces must hash to the manifest: otherwise the source changed after it was
         # hashed (a torn snapshot), and the version is aborted rather than shipped.
-        whole = (toff == 0) & (ln == plan.nbytes[tidx])
-        for k in np.flatnonzero(whole).tolist():
-            t = int(tidx[k])
-            if ops.tensor_digest([partials[k]], int(ln[k])) != int(plan.checksums[t]):
-                self.metrics.source_changed()
-                raise PublishError(f"tensor {plan.names[t]!r} changed while version "
-                                   f"{xfer.version} was being published; publish again")
+        partials = np.asarray(partials, dtype=np.uint64)
+        whole = np.flatnonzero((toff == 0) & (ln == plan.nbytes[tidx]))
+        bad = ops.mismatched(partials[whole], ln[whole], plan.checksums[tidx[whole]])
+        if bad.size:
+            t = int(tidx[whole[bad[0]]])
+            self.metrics.source_changed()
+            raise PublishError(f"tensor {plan.names[t]!r} changed while version "
+                               f"{xfer.version} was being published; publish again")
         digest = ops.bucket_digest(partials, ln)
         gather_s = time.perf_counter() - t_gather
         attempt = xfer.attempts.get(b, 0) + 1
@@ -861,6 +862,7 @@ class Publisher:
                     if entry is not None:
                         self._settle_sends(entry[5], entry[1])
                 progress = []  # the callers' callbacks run after the lock is released
+                acked = False
                 with self._cv:
                     for rel, entry in done:
                         if entry is None:
@@ -880,7 +882,7 @@ class Publisher:
                         if rel["reason"] == "acked":
                             self.window.on_complete(time.monotonic(), max(now - t_post, 1e-6), max(nbytes, 1))
                             self.metrics.completed(max(now - t_post, 1e-6))
-                            self.metrics.window(self.window)
+                            acked = True
                             xfer.acked_bytes += int(xfer.plan.piece_length[xfer.plan.pieces(b)].sum())
                             if xfer.progress is not None:
                                 progress.append((xfer.progress, xfer.acked_bytes,
@@ -889,9 +891,11 @@ class Publisher:
                             self._handle_failure(xfer, b, rel)
                     self._report_inflight()
                     self._cv.notify_all()
-                for fn, acked, total in progress:
+                if acked:  # the window's gauges once per batch of releases, off the lock
+                    self.metrics.window(self.window)
+                for fn, nacked, total in progress:
                     try:  # the caller's: it must not stop the releases
-                        fn(acked, total)
+                        fn(nacked, total)
                     except Exception as e:
                         log.warning("publisher %s: progress callback raised %r", self.name, e)
         finally:
@@ -1378,12 +1382,14 @@ class Subscriber:
 
     def _end_to_end(self, plan: Plan, mine: list[int], acc: np.ndarray) -> str | None:
         """Every tensor's pieces must add up to the manifest's checksum; else why not."""
-        for i in mine:
+        idx = np.asarray(mine, dtype=np.int64)
+        bad = ops.mismatched(acc[idx], plan.nbytes[idx], plan.checksums[idx])
+        if bad.size:
+            i = int(idx[bad[0]])
             got = ops.tensor_digest([acc[i]], int(plan.nbytes[i]))
-            if got != int(plan.checksums[i]):
-                self.metrics.tensor_mismatch()
-                return (f"tensor {plan.names[i]!r} arrived with checksum {got:016x}, the "
-                        f"manifest says {int(plan.checksums[i]):016x}")
+            self.metrics.tensor_mismatch()
+            return (f"tensor {plan.names[i]!r} arrived with checksum {got:016x}, the "
+                    f"manifest says {int(plan.checksums[i]):016x}")
         return None
 
     def _ack(self, hid: str, ok: bool, err: str | None) -> None:
@@ -1527,12 +1533,11 @@ class Subscriber:
             return False, f"direct read of bucket {b} failed: {type(e).__name__}: {e}", None
         t_verify = time.perf_counter()
         whole = np.flatnonzero((toff == 0) & (ln == plan.nbytes[tidx]))
-        bad = [k for k in whole.tolist() if ops.tensor_digest([partials[k]], int(ln[k]))
-               != int(plan.checksums[tidx[k]])]
+        bad = whole[ops.mismatched(partials[whole], ln[whole], plan.checksums[tidx[whole]])]
         self.metrics.bucket(_metrics.path_label(regions[0].device if regions else self.device,
                                                 self.device), int(ln.sum()),
-                            t_verify - t_read, time.perf_counter() - t_verify, not bad)
-        if bad:
+                            t_verify - t_read, time.perf_counter() - t_verify, not bad.size)
+        if bad.size:
             return False, (f"tensor {plan.names[tidx[bad[0]]]!r} read from the publisher does not "
                            "match its manifest checksum (was the source modified during "
                            "publish?)"), None

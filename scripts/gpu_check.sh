@@ -9,7 +9,8 @@
 #   run(command='bash scripts/gpu_check.sh "$OUT"', carry=[".whl"], timeout_s=540)
 #
 # A rerun can pick its steps and reuse the first run's build, which comes back as $OUT/_C.so:
-#   GPU_CHECK_STEPS="pytest bench" (default "build pytest bench topo"; without "build" the carried
+#   GPU_CHECK_STEPS="pytest bench" (default "build pytest bench topo"; "profile" adds
+#     benchmarks/profile_pipeline.py on three cases (needs yappi); without "build" the carried
 #     hotweights/_C.cpython-312-x86_64-linux-gnu.so is used), GPU_CHECK_BENCH="bench_copy bench_kv"
 #     (default all), GPU_CHECK_PYTEST="tests/test_ipc.py" (default tests), GPU_CHECK_BUDGET_S,
 #     GPU_CHECK_GDB="tests/x.py::test_y" (native backtraces under cuda-gdb of tests that crash).
@@ -55,6 +56,9 @@ grep -m1 -E "H100|H200|A100|GPU" "$W/env.txt" >> "$W/summary.txt" || true
 STEPS=" ${GPU_CHECK_STEPS:-build pytest bench topo} "
 BENCH=" ${GPU_CHECK_BENCH:-bench_replicate bench_paths bench_simulate bench_copy bench_kv bench_storage} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
+GPU_CHECK_PROFILE=("--bucket-mib 64 --tensors 200 --tensor-mib 5.12"
+                   "--bucket-mib 256 --tensors 200 --tensor-mib 5.12"
+                   "--bucket-mib 1024 --tensors 200 --tensor-mib 5.12 --direct on")
 if want build; then
   step "build _C with CUDA"
   if ! timeout 300 $PY setup.py build_ext --inplace > "$W/build.log" 2>&1; then
@@ -91,6 +95,16 @@ if want pytest; then
   tail -40 "$W/pytest_cuda.log"
   grep -E "^(FAILED|ERROR)|passed|failed" "$W/pytest_cuda.log" | tail -40 >> "$W/summary.txt"
   [ $rc -eq 0 ] || { status=1; note "pytest rc=$rc"; }
+fi
+
+if want profile; then  # where a bucket's time goes (yappi, carried in .whl): ring and direct
+  step "profile_pipeline"
+  for args in "${GPU_CHECK_PROFILE[@]}"; do
+    n=$(echo "$args" | tr -c 'a-z0-9' '_' | cut -c1-40)
+    timeout 60 $PY benchmarks/profile_pipeline.py --device cuda $args --out "$W/profile_$n" \
+      > "$W/profile_$n.txt" 2>&1 || note "profile $args FAILED (rc=$?)"
+    grep -E "^per bucket|^timings" "$W/profile_$n.txt" | sed "s/^/[$args] /" | tee -a "$W/summary.txt"
+  done
 fi
 
 want bench && step "benchmarks"

@@ -129,3 +129,22 @@ def test_opcheck(device):
     t = torch.randn(33, device=device)
     torch.library.opcheck(torch.ops.hotweights.checksum.default, (t,))
     torch.library.opcheck(torch.ops.hotweights.checksum_batch.default, ([t, t[:5].clone()],))
+
+
+def test_finalize_many_matches_the_scalar_finalize():
+    rng = np.random.default_rng(5)
+    sums = rng.integers(0, 2**64 - 1, size=500, dtype=np.uint64, endpoint=True)
+    sums[:3] = [0, 2**64 - 1, 1]
+    nbytes = rng.integers(0, 2**40, size=500)
+    nbytes[:3] = [0, 1, 2**40]
+    got = ops.finalize_many(sums, nbytes)
+    want = [ops.hw64_finalize(int(s), int(n)) for s, n in zip(sums, nbytes)]
+    assert got.dtype == np.uint64 and got.tolist() == want
+    # whole tensors checked against a manifest: the mismatching indices, nothing else
+    ts = [torch.randn(n) for n in (1, 7, 1000)]
+    partials = np.array([ops.hw64_partial(t.data_ptr(), t.nbytes) for t in ts], np.uint64)
+    sizes = np.array([t.nbytes for t in ts])
+    sums_ok = np.array([ops.checksum(t) for t in ts], np.uint64)
+    assert ops.mismatched(partials, sizes, sums_ok).size == 0
+    sums_ok[1] ^= np.uint64(1)
+    assert ops.mismatched(partials, sizes, sums_ok).tolist() == [1]
