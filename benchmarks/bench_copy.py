@@ -96,6 +96,21 @@ def cuda_rows(quick: bool) -> list[dict]:
     rows.append(_row("10k x 1 KiB", "engine batch", k * 1024, t_batch, t_loop, "loop of copy_"))
     t_hash = time_fn(lambda: torch.ops.hotweights.checksum(src), reps=10, device="cuda")
     rows.append(_row("checksum", "hw64 kernel", n, t_hash, t_copy, "device copy"))
+    # A pipeline bucket: 64 MiB gathered+hashed from 13 tensors into a slot (a 1 GiB model in
+    # 200 tensors), on the GPU's clock and as the publisher's thread sees it (submit, kernel,
+    # partials() read back), against a plain copy_ of the same bytes.
+    b = 64 << 20
+    sizes = [b // 13 // 256 * 256] * 12
+    sizes.append(b - sum(sizes))
+    pieces = list(src[:b].split(sizes))
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    slot = torch.empty(b, dtype=torch.uint8, device="cuda")
+    t_b = time_fn(lambda: slot.copy_(src[:b]), reps=20, device="cuda")
+    t_gd = time_fn(lambda: ops.gather(slot, pieces, offs, hash=True, async_op=True), reps=20,
+                   device="cuda")
+    t_gh = time_fn(lambda: ops.gather(slot, pieces, offs, hash=True).partials(), reps=20)
+    rows.append(_row("64 MiB bucket", "gather+hash (GPU time)", b, t_gd, t_b, "copy_"))
+    rows.append(_row("64 MiB bucket", "gather+hash+partials (host)", b, t_gh, t_b, "copy_"))
     # cross-process IPC read (same GPU) vs same-process device copy
     m = (256 if quick else 1024) << 20
     ring = ipc.SlotRing(m, 1, "cuda:0")

@@ -183,7 +183,8 @@ def main():
     if args.quick:
         cases_by_k = {2: [(64, None, True), (64, None, False)], 1: [(16, None, True)]}
     if cuda:  # one GPU: the publisher's ring and every subscriber on cuda:0
-        cases_by_k = {1: [(64, None, False), (256, None, False), (16, None, False), (64, 1, False)],
+        cases_by_k = {1: [(64, None, False), (256, None, False), (16, None, False), (64, 1, False),
+                          (64, 8, False)],
                       2: [(64, None, False)]}
         if args.quick:
             cases_by_k = {1: [(64, None, False), (16, None, False), (256, None, False)]}

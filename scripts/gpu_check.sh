@@ -13,7 +13,8 @@
 #     benchmarks/profile_pipeline.py on three cases (needs yappi); without "build" the carried
 #     hotweights/_C.cpython-312-x86_64-linux-gnu.so is used), GPU_CHECK_BENCH="bench_copy bench_kv"
 #     (default all), GPU_CHECK_PYTEST="tests/test_ipc.py" (default tests), GPU_CHECK_BUDGET_S,
-#     GPU_CHECK_GDB="tests/x.py::test_y" (native backtraces under cuda-gdb of tests that crash).
+#     GPU_CHECK_GDB="tests/x.py::test_y" (native backtraces under cuda-gdb of tests that crash),
+#     GPU_CHECK_SIM_ARGS (bench_simulate's sizes; default --quick).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-./gpu_check_out}"
@@ -124,7 +125,8 @@ run_bench bench_replicate $PY benchmarks/bench_replicate.py --device cuda   # th
 run_bench bench_paths $PY benchmarks/bench_paths.py --device cuda --quick \
   --paths h2d_pinned,d2h_pinned,same_device,ipc_same_gpu
 if [ -f "$W/bench_paths.json" ]; then
-  run_bench bench_simulate $PY benchmarks/bench_simulate.py --device cuda --quick --table "$W/bench_paths.json"
+  run_bench bench_simulate $PY benchmarks/bench_simulate.py --device cuda ${GPU_CHECK_SIM_ARGS:---quick} \
+    --table "$W/bench_paths.json"
 fi
 run_bench bench_copy $PY benchmarks/bench_copy.py --device cuda
 run_bench bench_kv $PY benchmarks/bench_kv.py --device cuda --quick
