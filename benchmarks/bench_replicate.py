@@ -96,10 +96,11 @@ def run_hotweights(mib: int, device: str, subscribers: int = 2, direct: str | No
              for i in range(subscribers)]
     for p in procs:
         p.start()
-    pub = hotweights.Publisher(src, name="bench", endpoint=coord.endpoint, serve_late=False,
-                               direct=direct, bucket_bytes=bucket_bytes)
+    pub = None
     out = {}
     try:
+        pub = hotweights.Publisher(src, name="bench", endpoint=coord.endpoint, serve_late=False,
+                                   direct=direct, bucket_bytes=bucket_bytes)
         for _ in procs:
             assert q.get(timeout=120)[0] == "ready"
 
@@ -134,7 +135,8 @@ def run_hotweights(mib: int, device: str, subscribers: int = 2, direct: str | No
                "delta_s": t_delta, "delta_bytes": r_delta.bytes, "delta_timings": r_delta.timings,
                "pause_storage_s": p_full.get(0), "pause_inplace_s": p_full.get(1),
                "window": pub.window.estimates(), "window_current": pub.window.current,
-               "buckets": r_full.buckets, "bucket_bytes": pub.bucket_bytes, "slots": pub.slots}
+               "buckets": r_full.buckets, "slots": pub.slots,
+               "bucket_bytes": pub._direct_bucket_bytes if pub.direct else pub.bucket_bytes}
         if not version_tracking:
             return out
         # the same with change_tracking="version": unchanged tensors are not re-hashed
@@ -158,7 +160,8 @@ def run_hotweights(mib: int, device: str, subscribers: int = 2, direct: str | No
             p.join(20)
             if p.is_alive():
                 p.kill()
-        pub.close()
+        if pub is not None:
+            pub.close()
         coord.stop()
     return out
 

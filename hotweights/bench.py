@@ -1038,7 +1038,11 @@ def link_table(res: dict, path: str | None = None) -> dict:
             # with its size: each of the two copies gets twice that fitted rate.
             put(f"{stage}_Bps", 2 * lat, f"{path}: twice the per-bucket latency's fitted rate "
                 f"(gather then scatter; the {stage} fit alone found no positive slope)")
-            put(f"{stage}_fixed_s", fit["fixed_s"], f"{path} {stage} fixed cost per bucket")
+            # (that fit's intercept lies above its points when its slope is negative)
+            pts = [r[f"{stage}_s"] for r in res.get("rows", ())
+                   if r["path"] == path and r["window"] == 1 and r.get(f"{stage}_s")]
+            if pts:
+                put(f"{stage}_fixed_s", min(pts), f"{path}: fastest {stage} at window 1")
     if not gpu:
         put("parallel_copy_Bps", dict(res.get("parallel_copy_Bps") or {}) or None,
             "aggregate gather+hash rate of k processes copying at once")

@@ -98,13 +98,14 @@ DIRECT_UNAVAILABLE = "direct read unavailable"
 DIRECT_BUCKET_BYTES = 256 << 20
 # On a GPU a bucket's copy takes microseconds (64 MiB: ~30 us at 2 TB/s) while its control
 # work (gather, announce, scatter, ack, release: Python and coordinator round trips) takes
-# ~1.5 ms (measured on an H200, docs/BENCHMARKS.md "GPU, session 5"): a CUDA publisher of a
-# model of at least CUDA_BIG_MODEL_BYTES uses buckets of CUDA_BUCKET_BYTES and a ring of at most
-# CUDA_SLOTS slots (1 GiB) unless bucket_mb / ipc_max_inflight (or bucket_bytes / slots) are
-# set, and plans its direct versions in buckets of CUDA_DIRECT_BUCKET_BYTES (no memory held).
+# ~1.3-1.7 ms (measured on an H200, docs/BENCHMARKS.md "GPU (H200), session 5"): a CUDA
+# publisher of a model of at least CUDA_BIG_MODEL_BYTES (1 GB) uses buckets of CUDA_BUCKET_BYTES in a
+# ring of at most CUDA_SLOTS slots (1 GiB) unless bucket_mb (or bucket_bytes) is set, and plans
+# its direct versions in buckets of CUDA_DIRECT_BUCKET_BYTES (they hold no memory). 8 GiB on
+# the H200: 50 ms with these defaults, 299 ms in 64 MiB buckets.
 CUDA_BUCKET_BYTES = 256 << 20
 CUDA_SLOTS = 4
-CUDA_BIG_MODEL_BYTES = 1 << 30
+CUDA_BIG_MODEL_BYTES = 10**9
 CUDA_DIRECT_BUCKET_BYTES = 1 << 30
 # A direct version's handles posted with the version itself: at most this many (the protocol's
 # bound on publish(handles=...)) and about this many bytes of piece tables.
@@ -244,19 +245,21 @@ class Publisher:
         self._bucket_source = isinstance(source, BucketSource)  # Note [Bucket sources]
         self._own_source = False                                 # from_checkpoint: close it too
         self.name = name
+        tensors = None if self._bucket_source else _tensors_of(source)  # (a callable: called once)
         self.device = (torch.device(source.device) if self._bucket_source
-                       else _device_of(_tensors_of(source)))
+                       else _device_of(tensors))
         self.bucket_bytes = int(bucket_bytes or self.cfg.bucket_bytes)
         # direct versions: at least DIRECT_BUCKET_BYTES, unless bucket_bytes was given
         direct_min = DIRECT_BUCKET_BYTES
         self.slots = int(slots or self.cfg.ipc_max_inflight)
         if self.device.type == "cuda" and not self._bucket_source:
             direct_min = CUDA_DIRECT_BUCKET_BYTES
-            big = sum(t.numel() * t.element_size()
-                      for t in _tensors_of(source).values()) >= CUDA_BIG_MODEL_BYTES
+            big = sum(t.numel() * t.element_size() for t in tensors.values()) >= CUDA_BIG_MODEL_BYTES
             if big and not bucket_bytes and "bucket_mb" not in self.cfg.explicit:
+                # the ring's memory stays at CUDA_SLOTS x CUDA_BUCKET_BYTES (1 GiB) whatever
+                # the window bounds say; set bucket_mb to choose both
                 self.bucket_bytes = max(self.bucket_bytes, CUDA_BUCKET_BYTES)
-                if not slots and "ipc_max_inflight" not in self.cfg.explicit:
+                if not slots:
                     self.slots = min(self.slots, CUDA_SLOTS)
         self._direct_bucket_bytes = int(bucket_bytes or max(self.bucket_bytes, direct_min))
         if self.bucket_bytes % 256:

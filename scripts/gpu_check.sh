@@ -100,8 +100,10 @@ fi
 
 if want profile; then  # where a bucket's time goes (yappi, carried in .whl): ring and direct
   step "profile_pipeline"
+  i=0
   for args in "${GPU_CHECK_PROFILE[@]}"; do
-    n=$(echo "$args" | tr -c 'a-z0-9' '_' | cut -c1-40)
+    i=$((i + 1)); n=$i
+    if [ "$(left)" -lt 70 ]; then note "profile $args SKIPPED: out of time budget"; continue; fi
     timeout 60 $PY benchmarks/profile_pipeline.py --device cuda $args --out "$W/profile_$n" \
       > "$W/profile_$n.txt" 2>&1 || note "profile $args FAILED (rc=$?)"
     grep -E "^per bucket|^timings" "$W/profile_$n.txt" | sed "s/^/[$args] /" | tee -a "$W/summary.txt"

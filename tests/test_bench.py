@@ -65,3 +65,25 @@ def test_unknown_path_and_missing_matplotlib(monkeypatch, capsys):
 def test_table_formats_rows():
     s = bench.table([{"a": "x", "b": 1.23456}, {"a": "yy", "b": None}], ["a", "b"])
     assert s.splitlines()[2].split() == ["x", "1.23"] and s.splitlines()[3].strip() == "yy"
+
+
+def test_gpu_link_table_falls_back_to_the_bucket_latency_fit():
+    # On a GPU the stage fits often find no slope (launch and sync dominate a 64 MiB copy):
+    # each of the two copies then gets twice the rate of the whole bucket's latency fit.
+    res = {"machine": {"host": "h", "cpu": "c", "cores": 16, "mem_gib": 1, "torch": "t"},
+           "fits": {"ipc_same_gpu": {"latency": {"fixed_s": 8e-4, "Bps": 2e11, "points": 2},
+                                     "gather": {"fixed_s": 5e-4, "Bps": 3e12, "points": 2},
+                                     "scatter": {"fixed_s": 7e-4, "Bps": None, "points": 2}}},
+           "host": {"hash_Bps": 1e10, "gpu_hash_Bps": 1e12}, "ceilings_s": {"same_device": 0.5},
+           "control": {"rtt_s": 1e-4, "bucket_overhead_cuda": {"latency_s": {"1": 2e-3},
+                                                               "interval_s": {"1": 1.5e-3}}},
+           "sweep": {"total_bytes": 1 << 30},
+           "rows": [{"path": "ipc_same_gpu", "window": w, "scatter_s": t}
+                    for w, t in ((1, 9e-4), (1, 6e-4), (4, None))]}
+    t = bench.link_table(res)
+    assert t["kind"] == "gpu" and t["hash_Bps"] == 1e12
+    assert t["gather_Bps"] == 3e12  # its own fit had a slope
+    assert t["scatter_Bps"] == 4e11 and t["scatter_fixed_s"] == 6e-4  # the fastest at window 1
+    assert "twice the per-bucket latency" in t["sources"]["scatter_Bps"]
+    assert t["shared_device_Bps"] == pytest.approx((1 << 30) / 0.5)
+    sim.load_table_dict({"simulator": t})  # a complete table

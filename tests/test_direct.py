@@ -355,8 +355,38 @@ def test_cuda_direct_reads_same_gpu(coord):
 
 
 @pytest.mark.cuda
+def test_cuda_bucket_defaults_for_large_models(coord, monkeypatch):
+    """A CUDA source of 1 GB or more gets 256 MiB buckets in a ring of at most 4 slots and
+    1 GiB direct buckets; an explicit bucket size (setting or argument) keeps its own; a small
+    CUDA model and any CPU model keep the configured defaults."""
+    from hotweights import replicate
+
+    big = {"w": torch.empty(1 << 28, device="cuda")}  # 1 GiB of fp32
+    with hotweights.Publisher(big, name="big", endpoint=coord) as pub:
+        assert (pub.bucket_bytes, pub.slots) == (replicate.CUDA_BUCKET_BYTES, replicate.CUDA_SLOTS)
+        assert pub._direct_bucket_bytes == replicate.CUDA_DIRECT_BUCKET_BYTES
+        assert pub.ring.slot_bytes == replicate.CUDA_BUCKET_BYTES
+    with hotweights.Publisher(big, name="big2", endpoint=coord, bucket_bytes=64 << 20) as pub:
+        assert pub.bucket_bytes == 64 << 20 and pub.slots == config.get().ipc_max_inflight
+    monkeypatch.setenv("HOTWEIGHTS_BUCKET_MB", "32")
+    config.reset()
+    try:
+        with hotweights.Publisher(big, name="big3", endpoint=coord) as pub:
+            assert pub.bucket_bytes == 32 << 20
+    finally:
+        monkeypatch.delenv("HOTWEIGHTS_BUCKET_MB")
+        config.reset()
+    small = {"w": torch.empty(1024, device="cuda")}
+    with hotweights.Publisher(small, name="small", endpoint=coord) as pub:
+        assert pub.bucket_bytes == config.get().bucket_bytes
+    with hotweights.Publisher({"w": torch.empty(1 << 28)}, name="cpu", endpoint=coord,
+                              direct="off") as pub:
+        assert pub.bucket_bytes == config.get().bucket_bytes
+
+
+@pytest.mark.cuda
 def test_cuda_direct_is_opt_in(coord):
-    """Until CUDA direct reads are verified on a GPU, "auto" does not pick them."""
+    """CUDA direct reads stay opt-in: "auto" does not pick them."""
     src = make_model(1, device="cuda")
     with hotweights.Publisher(src, name="m", endpoint=coord) as pub:
         assert not pub.direct

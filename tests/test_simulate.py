@@ -172,3 +172,19 @@ def test_cli(capsys):
     assert "PROJECTION" in out and "weight-sync-anchors.md §5" in out
     assert main(["simulate", "--topology", "pcie8", "--model-bytes", "16e9", "--window", "7",
                  "--preset", "pcie"]) == 1  # the pcie preset's ring has 6 slots
+
+
+def test_process_cpu_seconds_bound_cpu_tables_only():
+    # 5 ms of publisher CPU per bucket against a 2 ms ring-full interval. On a CPU table the
+    # processes share the cores with the copies: the CPU seconds bound the pipeline. On a GPU
+    # table a process's threads overlap on spare cores: the measured interval is the limit
+    # (the H200 calibration, docs/BENCHMARKS.md "Calibration on Machine G").
+    over = dict(bucket0_cpu_publisher_s={"1": 0.005}, bucket0_cpu_s={"1": 0.006})
+    g = sim.simulate(toy(**over), 1e6, 1000, subscribers=1, tensors=1)
+    assert "resource_publisher process_s" not in g.per_bucket
+    assert g.bottleneck == "per-bucket control"
+    assert g.per_bucket["interval_s"] == pytest.approx(0.002 + 1e-6)
+    c = sim.simulate(toy(kind="cpu", cores=8, parallel_copy_Bps={"1": 1e9}, **over), 1e6, 1000,
+                     subscribers=1, tensors=1)
+    assert c.per_bucket["resource_publisher process_s"] == pytest.approx(0.005 + 1e-6)
+    assert c.bottleneck == "publisher process"
