@@ -26,9 +26,13 @@ Note [Update model]: the pipeline as built (hotweights/replicate.py, Note [One u
       bucket at the same time and contend as K concurrent copiers do;
     - pipeline interval ``I0 + max(B/gather_Bps, B/scatter')``: the slowest copy stage plus
       the control work that the same threads do;
-    - the publisher's process is serial (its threads and the embedded coordinator share one
-      interpreter): ``C0_pub + B/gather_Bps`` per bucket, with ``C0_pub`` its measured CPU
-      seconds per zero-byte bucket; each subscriber process ``(C0 - C0_pub) / K + B/scatter'``;
+    - CPU tables: the publisher's process is serial (its threads and the embedded
+      coordinator share one interpreter and the cores the copies use): ``C0_pub +
+      B/gather_Bps`` per bucket, with ``C0_pub`` its measured CPU seconds per zero-byte
+      bucket; each subscriber process ``(C0 - C0_pub) / K + B/scatter'``. Not on GPU tables:
+      on a GPU machine a process's threads overlap on spare cores (zmq and the copy engine
+      release the GIL), and ``I0`` already holds the real serialisation (H200: 2.0 ms of
+      publisher CPU per bucket, 1.7 ms interval; with the term a window-8 case came out +36%);
     - publisher egress ``K B / egress_Bps`` when its port is shared by K readers (GPU rings);
     - one GPU holding the ring and every subscriber (same-GPU IPC): the 1 + K copies share its
       memory, ``(1 + K) B / shared_device_Bps``;
