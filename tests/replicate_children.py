@@ -93,7 +93,10 @@ def publisher(i: int, endpoint: str, spec: dict, q, stop) -> None:
     import hotweights
 
     torch.set_num_threads(1)
-    model = make_model(spec.get("seed", 7), spec.get("width", 64), spec.get("layers", 3))
+    dev = spec.get("device", "cpu")
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(0)
+    model = make_model(spec.get("seed", 7), spec.get("width", 64), spec.get("layers", 3), dev)
     pub = hotweights.Publisher(model, name=spec.get("name", "m"), endpoint=endpoint,
                                bucket_bytes=spec.get("bucket_bytes", 4096), slots=2,
                                serve_late=False)

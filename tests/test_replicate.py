@@ -108,24 +108,25 @@ def test_two_subscribers_bit_identical_delta_and_late_joiner(coord, device):
         pub.close()
 
 
-def test_no_torn_reads_under_repeated_updates(coord):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_no_torn_reads_under_repeated_updates(coord, device):
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
-    src = make_model(1)
+    src = make_model(1, device=device)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=2048, slots=2)
-    x = torch.linspace(-1, 1, 4 * 32).reshape(4, 32)
+    x = torch.linspace(-1, 1, 4 * 32, device=device).reshape(4, 32)
     expected = []
+    loop = {"commit": "on_forward", "forward_loop": True, "device": device}
     try:
-        with children(subscriber, coord, [{"commit": "on_forward", "swap": "storage", "forward_loop": True},
-                                          {"commit": "on_forward", "swap": "inplace", "forward_loop": True}],
+        with children(subscriber, coord, [{**loop, "swap": "storage"}, {**loop, "swap": "inplace"}],
                       q, stop):
             get(q, "ready"), get(q, "ready")
             for k in range(6):
                 fresh = make_model(1000 + k)
                 src.load_state_dict(fresh.state_dict())
                 with torch.no_grad():
-                    expected.append(src(x))
+                    expected.append(src(x).cpu())
                 pub.publish(f"v{k}")
                 time.sleep(0.3)
             stop.set()
@@ -147,16 +148,17 @@ def test_no_torn_reads_under_repeated_updates(coord):
         pub.close()
 
 
-def test_subscriber_killed_mid_transfer_others_commit(coord, monkeypatch):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_subscriber_killed_mid_transfer_others_commit(coord, monkeypatch, device):
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
-    src = make_model(3, width=128)
+    src = make_model(3, width=128, device=device)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=3)
     mid = ctx.Event()
     try:
-        with children(subscriber, coord, [{"versions": 1, "width": 128},
+        with children(subscriber, coord, [{"versions": 1, "width": 128, "device": device},
                                           {"versions": 1, "width": 128, "sleep_at_bucket": 3,
-                                           "mid_event": mid}],
+                                           "mid_event": mid, "device": device}],
                       q, stop) as procs:
             pids = dict(get(q, "ready")[1::2] for _ in range(2))
             t0 = time.monotonic()
@@ -186,13 +188,15 @@ def test_subscriber_killed_mid_transfer_others_commit(coord, monkeypatch):
     assert "hotweights:pub-m" not in open("/proc/self/maps").read()
 
 
-def test_publisher_killed_mid_version_then_new_session(coord):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_publisher_killed_mid_version_then_new_session(coord, device):
     ctx = mp.get_context("spawn")
     q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
-    model = make_model(55)
+    model = make_model(55, device=device)
     h = model.register_hotweights(name="m", endpoint=coord, commit="manual", swap="storage")
     try:
-        with children(publisher, coord, [{"sleep_at_bucket": 2, "mid_event": mid}], q, stop) as procs:
+        with children(publisher, coord, [{"sleep_at_bucket": 2, "mid_event": mid,
+                                          "device": device}], q, stop) as procs:
             _, _, v1, pub_state = get(q, "published")
             h.wait(v1, timeout=30)
             assert same_state(snapshot(model), pub_state)
@@ -214,8 +218,8 @@ def test_publisher_killed_mid_version_then_new_session(coord):
             # the dead publisher's ring (or storages it read directly) are unmapped
             time.sleep(0.1)
         assert not h._sub._rings and not len(h._sub._sources)  # nor its storages
-        # a new publisher session works
-        src = make_model(77)
+        # a new publisher session works (on CUDA: a ring this process exported itself)
+        src = make_model(77, device=device)
         with hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096) as pub:
             r = pub.publish("new session")
             h.wait(r.version, timeout=30)
@@ -225,9 +229,10 @@ def test_publisher_killed_mid_version_then_new_session(coord):
         h.close()
 
 
-def test_corrupted_slot_is_resent_never_applied(coord):
-    src = make_model(11)
-    dst = make_model(12)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_corrupted_slot_is_resent_never_applied(coord, device):
+    src = make_model(11, device=device)
+    dst = make_model(12, device=device)
     before = snapshot(dst)
     # the slots are what this test corrupts: the ring, not direct reads
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=2,
