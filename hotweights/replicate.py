@@ -1208,13 +1208,18 @@ class Subscriber:
     def _fail(self, version: int, reason: str, reject: bool = True) -> None:
         self.errors.append((version, reason))
         log.warning("subscriber %s: version %d refused: %s", self.name, version, reason)
+        # recorded here before the coordinator hears of it: whoever sees the version fail
+        # (a publisher's PublishError, say) finds the reason already on this side
+        if self.on_error:
+            try:
+                self.on_error(version, reason)
+            except Exception as e:  # the refusal must still reach the coordinator
+                log.warning("subscriber %s: on_error callback raised %r", self.name, e)
         if reject:
             try:
                 self.client.reject(self.client_id, self.name, version, reason)
             except Exception as e:
                 log.warning("subscriber %s: reject failed: %s", self.name, e)
-        if self.on_error:
-            self.on_error(version, reason)
 
     def _receive(self, version: int, event: dict | None = None) -> None:
         """Receives, verifies and stages one version (or refuses it with a reason); ``event``:

@@ -433,6 +433,17 @@ def _lose_first_staging(h) -> list:
     return lost
 
 
+def _eventually(cond, timeout: float = 10.0) -> bool:
+    """cond() within timeout seconds. A subscriber stages a version in its receive thread
+    after learning of the commit, which can be just after publish() returned."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @contextlib.contextmanager
 def _held_forward(h):
     """A forward that runs until the block ends (it holds the forward lock)."""
@@ -514,7 +525,8 @@ def test_a_lost_staging_is_followed_by_a_catch_up(coord):
         with torch.no_grad():
             src[4].bias.add_(1.0)
         r3 = pub.publish("v3")
-        assert r3.state == "committed" and lost == [r2.version]
+        assert r3.state == "committed"
+        assert _eventually(lambda: lost == [r2.version]), lost
         h2.wait(r3.version, timeout=30)
         with pytest.raises(UpdateError, match="planned as a delta from version 2"):
             h.wait(r3.version, timeout=30)
@@ -791,7 +803,8 @@ def test_a_subscriber_that_lost_its_first_staging_is_caught_up_in_full(coord):
     h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
     lost = _lose_first_staging(h)
     try:
-        assert pub.publish("v1").state == "committed" and lost == [1]
+        assert pub.publish("v1").state == "committed"
+        assert _eventually(lambda: lost == [1]), lost
         with torch.no_grad():
             src[2].bias.add_(1.0)
         with pytest.raises(hotweights.PublishError, match="rejected by every live"):
