@@ -24,42 +24,24 @@ import torch
 from common import describe  # noqa: F401  (puts the checkout first on sys.path)
 
 
-def _subscriber(conn, endpoint: str, n: int, numel: int, device: str, clock: str,
-                out: str | None) -> None:
+def _subscriber(conn, endpoint: str, n: int, numel: int, device: str, clock: str) -> None:
+    """hotweights.bench's subscriber process, which also starts yappi on ("profile",) and
+    saves its stats on ("dump", dir)."""
     import yappi
 
-    import hotweights  # noqa: F401
+    from hotweights.bench import serve_buffers
 
-    torch.set_num_threads(1)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    model = torch.nn.Module()
-    for i in range(n):
-        model.register_buffer(f"t{i:04d}", torch.zeros(numel, device=device))
-    h = model.register_hotweights(name="prof", endpoint=endpoint, commit="manual", swap="storage")
-    conn.send(("ready",))
-    try:
-        while True:
-            if conn.poll(0.002):
-                msg = conn.recv()
-                if msg[0] == "stop":
-                    return
-                if msg[0] == "profile":
-                    yappi.set_clock_type(clock)
-                    yappi.start()
-                    conn.send(("profiling",))
-                if msg[0] == "dump":
-                    yappi.stop()
-                    path = os.path.join(msg[1], "subscriber.pstat")
-                    yappi.get_func_stats().save(path, type="pstat")
-                    conn.send(("dumped", path))
-            try:
-                v = h.wait(timeout=0.02)
-            except TimeoutError:
-                continue
-            conn.send(("applied", v))
-    finally:
-        h.close()
+    def on_message(msg):
+        if msg[0] == "profile":
+            yappi.set_clock_type(clock)
+            yappi.start()
+            return ("profiling",)
+        yappi.stop()  # ("dump", dir)
+        path = os.path.join(msg[1], "subscriber.pstat")
+        yappi.get_func_stats().save(path, type="pstat")
+        return ("dumped", path)
+
+    serve_buffers(conn, "prof", endpoint, n, numel, device, on_message, poll_s=0.002)
 
 
 def _top(path: str, title: str, k: int) -> None:
@@ -96,7 +78,7 @@ def main() -> None:
     coord = start_embedded()
     conn, child_end = ctx.Pipe()
     pr = ctx.Process(target=_subscriber, args=(child_end, coord.endpoint, a.tensors, numel, dev,
-                                                a.clock, out), daemon=True)
+                                                a.clock), daemon=True)
     pr.start()
     child_end.close()
     pub = None

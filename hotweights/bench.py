@@ -523,6 +523,16 @@ def _overhead_subscriber(conn, name: str, endpoint: str, n: int, numel: int,
                          device: str = "cpu") -> None:
     """A real subscriber (register_hotweights) of ``n`` small tensors; reports each applied
     version and, on request, its process CPU time."""
+    serve_buffers(conn, name, endpoint, n, numel, device,
+                  lambda msg: ("cpu", time.process_time()))
+
+
+def serve_buffers(conn, name: str, endpoint: str, n: int, numel: int, device: str,
+                  on_message: Callable[[tuple], tuple], poll_s: float = 0.005) -> None:
+    """Body of a benchmark's subscriber process: a module of ``n`` buffers of ``numel``
+    floats registered for ``name``; sends ("ready",), then ("applied", version) for each
+    version it applies, answers every other message from ``conn`` with ``on_message(msg)``
+    until ("stop",)."""
     import hotweights  # noqa: F401  (adds nn.Module.register_hotweights)
 
     torch.set_num_threads(1)
@@ -535,11 +545,11 @@ def _overhead_subscriber(conn, name: str, endpoint: str, n: int, numel: int,
     conn.send(("ready",))
     try:
         while True:
-            if conn.poll(0.005):
+            if conn.poll(poll_s):
                 msg = conn.recv()
                 if msg[0] == "stop":
                     return
-                conn.send(("cpu", time.process_time()))
+                conn.send(on_message(msg))
             try:
                 v = h.wait(timeout=0.05)
             except TimeoutError:

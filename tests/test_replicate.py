@@ -20,6 +20,7 @@ from hotweights import UpdateError, config
 from hotweights.coordinator import Client, start_embedded
 from hotweights.plan import Plan
 
+from coord_helpers import wait_until
 from replicate_children import make_model, publisher, subscriber, unpack
 from utils import children, cpu_and_cuda, get_message, hotweights_fds
 
@@ -433,17 +434,6 @@ def _lose_first_staging(h) -> list:
     return lost
 
 
-def _eventually(cond, timeout: float = 10.0) -> bool:
-    """cond() within timeout seconds. A subscriber stages a version in its receive thread
-    after learning of the commit, which can be just after publish() returned."""
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 @contextlib.contextmanager
 def _held_forward(h):
     """A forward that runs until the block ends (it holds the forward lock)."""
@@ -526,7 +516,7 @@ def test_a_lost_staging_is_followed_by_a_catch_up(coord):
             src[4].bias.add_(1.0)
         r3 = pub.publish("v3")
         assert r3.state == "committed"
-        assert _eventually(lambda: lost == [r2.version]), lost
+        wait_until(lambda: lost == [r2.version], what="v2's staging to be lost")
         h2.wait(r3.version, timeout=30)
         with pytest.raises(UpdateError, match="planned as a delta from version 2"):
             h.wait(r3.version, timeout=30)
@@ -804,7 +794,8 @@ def test_a_subscriber_that_lost_its_first_staging_is_caught_up_in_full(coord):
     lost = _lose_first_staging(h)
     try:
         assert pub.publish("v1").state == "committed"
-        assert _eventually(lambda: lost == [1]), lost
+        # staged in the receive thread after the commit: maybe just after publish() returned
+        wait_until(lambda: lost == [1], what="the first staging to be lost")
         with torch.no_grad():
             src[2].bias.add_(1.0)
         with pytest.raises(hotweights.PublishError, match="rejected by every live"):
