@@ -943,8 +943,10 @@ def run(device: str = "cpu", quick: bool = False, paths: Sequence[str] | None = 
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 skipped["mpi"] = str(e)
     if cuda:
-        control["bucket_overhead_cuda"] = pipeline_overhead((1,) if quick else (1, 2),
-                                                            reps=1 if quick else 3, device="cuda:0")
+        # K = 1 and 2 and three repetitions even with --quick: the buckets are tiny, so on a GPU
+        # this costs the spawns (~20 s), while one repetition's interval varied 1.1-1.7 ms from
+        # run to run on an H200 and a K=2 update predicted from K=1's costs came out 31% short
+        control["bucket_overhead_cuda"] = pipeline_overhead((1, 2), reps=3, device="cuda:0")
         host["gpu_hash_Bps"] = hash_rate(sweep.total, device="cuda")
         log(f"hash on the GPU {host['gpu_hash_Bps'] / GB:.1f} GB/s")
         r, c, lk = cuda_paths(sweep, wanted)

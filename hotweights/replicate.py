@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -110,6 +111,9 @@ CUDA_DIRECT_BUCKET_BYTES = 1 << 30
 # A direct version's handles posted with the version itself: at most this many (the protocol's
 # bound on publish(handles=...)) and about this many bytes of piece tables.
 EARLY_HANDLES = 256
+# a subscriber starts the reads of up to READ_AHEAD waiting handles before checking the first
+# (Note [Read-ahead])
+READ_AHEAD = 8
 EARLY_HANDLE_BYTES = 1 << 20
 # Subscribers look for storages a publisher freed at least this often (sooner when it shares
 # new ones).
@@ -1043,6 +1047,11 @@ def _retire(pool: concurrent.futures.ThreadPoolExecutor, client: Client, who: st
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _done(result: tuple) -> Callable[[], tuple]:
+    """A bucket handled already: its finishing step just returns the result."""
+    return lambda: result
+
+
 def _pid() -> int:
     import os
 
@@ -1139,7 +1148,7 @@ class Subscriber:
         self._closed = False
         self.errors: list[tuple[int, str]] = []
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0,
-                      "direct_buckets": 0, "ack_failures": 0}
+                      "direct_buckets": 0, "ack_failures": 0, "read_ahead": 0}
         self.metrics = _metrics.SubscriberMetrics(name)
         self._rings: dict[str, Any] = {}          # owner client id -> ring import
         self._sources = SourceMaps()              # publishers' storages (Note [Direct reads])
@@ -1245,8 +1254,16 @@ class Subscriber:
             return
         buckets = plan.buckets_for(self.client_id)
         shadows = self._shadows(plan, mine)
-        staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, t0,
-                                       (event or {}).get("handles") or ())
+        begun: dict[str, Callable[[], tuple]] = {}  # reads started ahead (Note [Read-ahead])
+        try:
+            staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, t0,
+                                           (event or {}).get("handles") or (), begun)
+        finally:
+            for finish in begun.values():  # a read left running could not write the shadows
+                try:                       # once they are reused or freed
+                    finish()
+                except Exception:
+                    pass
         if staged is None:
             # aborted, refused or failed: the staging goes, nothing was applied
             shadows.clear()
@@ -1262,10 +1279,11 @@ class Subscriber:
         # its publisher is alive (it just had a version committed): only other ones are asked
         self._drop_dead_rings(alive=info.get("publisher"))
 
-    def _receive_buckets(self, version, info, plan, mine, buckets, shadows, t0, first=()):
+    def _receive_buckets(self, version, info, plan, mine, buckets, shadows, t0, first, begun):
         """Takes every bucket of the version (``first``: handles that came with its event),
         verifies end to end and precommits; waits for the decision. Returns the staged version,
-        or None when it was refused, aborted or failed."""
+        or None when it was refused, aborted or failed. ``begun``: the reads started ahead,
+        by handle id (finished by the caller when this returns early)."""
         acc = np.zeros(len(plan.names), np.uint64)
         todo = set(buckets)
         after, nbytes, t_first = 0, 0, None
@@ -1300,7 +1318,10 @@ class Subscriber:
             if h is not None:
                 t_first = t_first or time.perf_counter()
                 b = int(h["payload"]["bucket"])
-                ok, err, partials = self._take(version, plan, h, b, b in todo, shadows)
+                if h["handle_id"] not in begun:
+                    begun[h["handle_id"]] = self._take(version, plan, h, b, b in todo, shadows)
+                    self._read_ahead(version, plan, pending, b, todo, shadows, begun)
+                ok, err, partials = begun.pop(h["handle_id"])()
                 if ok and partials is not None:
                     np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
                     todo.discard(b)
@@ -1368,16 +1389,18 @@ class Subscriber:
             base=plan.bases.get(self.client_id))
 
     def _take(self, version: int, plan: Plan, h: dict, b: int, needed: bool,
-              shadows: dict[str, torch.Tensor]):
-        """Handles one bucket's handle: relays it (we lead our node for it), reads it (directly
+              shadows: dict[str, torch.Tensor]) -> Callable[[], tuple]:
+        """Starts one bucket's handle: relays it (we lead our node for it), reads it (directly
         or out of the publisher's ring) when ``needed``, else nothing (a re-send of a bucket
-        held: it is just acked). Returns (ok, error, partial digests or None)."""
+        held: it is just acked). Returns the function that finishes it, which returns (ok,
+        error, partial digests or None): a read runs on the device (or the copy engine's
+        threads) until then (Note [Read-ahead])."""
         p = h["payload"]
         rinfo = (p.get("relay") or {}).get(self.client_id)
         if rinfo is not None:
-            return self._relay_bucket(version, plan, b, h, rinfo, shadows, needed)
+            return _done(self._relay_bucket(version, plan, b, h, rinfo, shadows, needed))
         if not needed:
-            return True, None, None
+            return _done((True, None, None))
         if self.before_scatter is not None:
             self.before_scatter(b)
         if "direct" in p:
@@ -1385,8 +1408,30 @@ class Subscriber:
         try:
             src_ring = self._ring_of(h["owner"])
         except Exception as e:
-            return False, f"cannot import the ring of {h['owner']}: {e}", None
+            return _done((False, f"cannot import the ring of {h['owner']}: {e}", None))
         return self._scatter(src_ring, plan, b, int(p["slot"]), int(p["digest"]), shadows)
+
+    def _read_ahead(self, version: int, plan: Plan, pending: list[dict], b: int, todo: set,
+                    shadows: dict[str, torch.Tensor], begun: dict[str, Callable]) -> None:
+        """Note [Read-ahead]
+        A bucket's read is a copy on the device (or the copy engine's threads); checking its
+        partial sums, the bookkeeping and the ack are Python. When several handles are waiting
+        (a direct version's handles all come with it; a ring has several slots in flight),
+        the reads of the ones queued behind bucket ``b`` start before ``b`` is checked, so the
+        device copies while the host checks: up to READ_AHEAD plain reads of distinct buckets
+        still to do. A relayed handle, a bucket already started (a re-send: two copies into
+        one shadow must not race) or one held already stops it. Every started read is
+        finished, in order, before its handle is answered; one the version is abandoned with
+        is waited for before the shadows can be reused."""
+        seen = {b}
+        for h in pending[:READ_AHEAD]:
+            p = h["payload"]
+            nb = int(p["bucket"])
+            if nb in seen or nb not in todo or (p.get("relay") or {}).get(self.client_id):
+                return
+            seen.add(nb)
+            begun[h["handle_id"]] = self._take(version, plan, h, nb, True, shadows)
+            self.stats["read_ahead"] += 1
 
     def _end_to_end(self, plan: Plan, mine: list[int], acc: np.ndarray) -> str | None:
         """Every tensor's pieces must add up to the manifest's checksum; else why not."""
@@ -1451,7 +1496,7 @@ class Subscriber:
             t.irecv(buf, rinfo["src"], int(rinfo["tag"])).wait(self.cfg.handle_ttl)
             relay.ring.record(slot)
             if need:
-                ok, err, partials = self._scatter(relay.ring, plan, b, slot, digest, shadows)
+                ok, err, partials = self._scatter(relay.ring, plan, b, slot, digest, shadows)()
             else:
                 got = ops.bucket_digest(ops.hash_pieces(
                     relay.ring.slot(slot), plan.piece_slot_offset[plan.pieces(b)],
@@ -1526,17 +1571,31 @@ class Subscriber:
                 self._source_gens[pid] = gen
                 self._prune_due = True
         except (HandleError, OSError, ValueError, TypeError, KeyError) as e:
-            return False, f"{DIRECT_UNAVAILABLE}: {e}", None
+            return _done((False, f"{DIRECT_UNAVAILABLE}: {e}", None))
         t_read = time.perf_counter()
 
         def read():
             return ops.scatter_regions(regions, np.frombuffer(d["sidx"], np.int32),
                                        np.frombuffer(d["soff"], np.int64),
                                        [shadows[plan.names[i]] for i in tidx.tolist()],
-                                       lengths=ln, tensor_offsets=toff, hash=True).partials()
+                                       lengths=ln, tensor_offsets=toff, hash=True, async_op=True)
 
         try:
-            partials = self._on_receive_stream(read)
+            copy = self._on_receive_stream(read)
+        except Exception as e:
+            return _done((False, f"direct read of bucket {b} failed: {type(e).__name__}: {e}",
+                          None))
+        return functools.partial(self._check_direct, plan, b, regions, copy, t_read)
+
+    def _check_direct(self, plan: Plan, b: int, regions: list, copy: ops.CopyHandle,
+                      t_read: float):
+        """Finishes a direct read: every whole tensor is checked against the manifest."""
+        rows = plan.pieces(b)
+        tidx = plan.piece_tensor[rows]
+        ln = plan.piece_length[rows]
+        toff = plan.piece_tensor_offset[rows]
+        try:
+            partials = copy.partials()
         except Exception as e:
             return False, f"direct read of bucket {b} failed: {type(e).__name__}: {e}", None
         t_verify = time.perf_counter()
@@ -1643,13 +1702,24 @@ class Subscriber:
         dst = [shadows[plan.names[i]] for i in tidx.tolist()]
         ln = plan.piece_length[rows]
         t_scatter = time.perf_counter()
+
         def read():
             ring.wait(slot)
             return ops.scatter(ring.slot(slot), dst, plan.piece_slot_offset[rows], lengths=ln,
-                               tensor_offsets=plan.piece_tensor_offset[rows], hash=True).partials()
+                               tensor_offsets=plan.piece_tensor_offset[rows], hash=True,
+                               async_op=True)
 
         try:
-            partials = self._on_receive_stream(read)
+            copy = self._on_receive_stream(read)
+        except Exception as e:
+            return _done((False, f"scatter of bucket {b} failed: {type(e).__name__}: {e}", None))
+        return functools.partial(self._check_scatter, ring, b, ln, digest, copy, t_scatter)
+
+    def _check_scatter(self, ring, b: int, ln: np.ndarray, digest: int, copy: ops.CopyHandle,
+                       t_scatter: float):
+        """Finishes a read out of a ring: the bucket must hash to the publisher's digest."""
+        try:
+            partials = copy.partials()
         except Exception as e:
             return False, f"scatter of bucket {b} failed: {type(e).__name__}: {e}", None
         t_verify = time.perf_counter()

@@ -140,6 +140,9 @@ def test_direct_updates_follow_aliases_and_replaced_parameters(coord):
         h.wait(r.version, timeout=30)
         assert same(snap(dst), snap(src)) and pub.stats["direct_buckets"] == r.buckets
         assert h._sub.stats["direct_buckets"] == r.buckets and not h._sub._rings
+        # the handles come with the version: the reads behind the first start before it is
+        # checked (Note [Read-ahead]), and every one of them is checked
+        assert r.buckets > 2 and h._sub.stats["read_ahead"] >= 1
         # a replaced parameter (new, unshared storage) is moved at the next publish
         with torch.no_grad():
             src[0].weight = torch.nn.Parameter(torch.randn_like(src[0].weight))
