@@ -95,6 +95,8 @@ def run_case(coord, src, q, k: int, bucket_mib: int, window: int | None, reps: i
             with torch.no_grad():
                 for p in src.parameters():
                     p.add_(1.0)
+            if pub.device.type == "cuda":  # the changes are queued on the GPU: they are
+                torch.cuda.synchronize()    # the trainer's work, not the update's
             t0 = time.perf_counter()
             r = pub.publish(label)
             wall = time.perf_counter() - t0

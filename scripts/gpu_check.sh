@@ -14,7 +14,8 @@
 #     hotweights/_C.cpython-312-x86_64-linux-gnu.so is used), GPU_CHECK_BENCH="bench_copy bench_kv"
 #     (default all), GPU_CHECK_PYTEST="tests/test_ipc.py" (default tests), GPU_CHECK_BUDGET_S,
 #     GPU_CHECK_GDB="tests/x.py::test_y" (native backtraces under cuda-gdb of tests that crash),
-#     GPU_CHECK_SIM_ARGS (bench_simulate's sizes; default --quick).
+#     GPU_CHECK_SIM_ARGS (bench_simulate's sizes; default --quick), GPU_CHECK_PROFILE_CASES
+#     (which of the three profile cases: 64 MiB ring, 256 MiB ring, 1 GiB direct; default "1 2 3").
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-./gpu_check_out}"
@@ -103,6 +104,7 @@ if want profile; then  # where a bucket's time goes (yappi, carried in .whl): ri
   i=0
   for args in "${GPU_CHECK_PROFILE[@]}"; do
     i=$((i + 1)); n=$i
+    [[ " ${GPU_CHECK_PROFILE_CASES:-1 2 3} " == *" $n "* ]] || continue
     if [ "$(left)" -lt 70 ]; then note "profile $args SKIPPED: out of time budget"; continue; fi
     timeout 60 $PY benchmarks/profile_pipeline.py --device cuda $args --out "$W/profile_$n" \
       > "$W/profile_$n.txt" 2>&1 || note "profile $args FAILED (rc=$?)"
