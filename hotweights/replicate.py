@@ -1047,9 +1047,16 @@ def _retire(pool: concurrent.futures.ThreadPoolExecutor, client: Client, who: st
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _done(result: tuple) -> Callable[[], tuple]:
+def _done(result: tuple) -> Callable[..., tuple]:
     """A bucket handled already: its finishing step just returns the result."""
-    return lambda: result
+    return lambda drain=False: result
+
+
+def _reraise(e: BaseException, drain: bool = False) -> tuple:
+    """The finishing step of a bucket whose start raised: raises it at the bucket's turn."""
+    if drain:
+        return False, str(e), None
+    raise e
 
 
 def _pid() -> int:
@@ -1149,6 +1156,7 @@ class Subscriber:
         self.errors: list[tuple[int, str]] = []
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0,
                       "direct_buckets": 0, "ack_failures": 0, "read_ahead": 0}
+        self._stuck: list = []  # reads of abandoned versions that outlived their wait
         self.metrics = _metrics.SubscriberMetrics(name)
         self._rings: dict[str, Any] = {}          # owner client id -> ring import
         self._sources = SourceMaps()              # publishers' storages (Note [Direct reads])
@@ -1259,11 +1267,11 @@ class Subscriber:
             staged = self._receive_buckets(version, info, plan, mine, buckets, shadows, t0,
                                            (event or {}).get("handles") or (), begun)
         finally:
-            for finish in begun.values():  # a read left running could not write the shadows
-                try:                       # once they are reused or freed
-                    finish()
-                except Exception:
-                    pass
+            for finish in begun.values():  # a read left running could write the shadows
+                try:                       # after they are reused or freed
+                    finish(drain=True)
+                except Exception as e:
+                    log.warning("subscriber %s: abandoned read: %s", self.name, e)
         if staged is None:
             # aborted, refused or failed: the staging goes, nothing was applied
             shadows.clear()
@@ -1320,7 +1328,7 @@ class Subscriber:
                 b = int(h["payload"]["bucket"])
                 if h["handle_id"] not in begun:
                     begun[h["handle_id"]] = self._take(version, plan, h, b, b in todo, shadows)
-                    self._read_ahead(version, plan, pending, b, todo, shadows, begun)
+                self._read_ahead(version, plan, pending, b, todo, shadows, begun)  # tops up
                 ok, err, partials = begun.pop(h["handle_id"])()
                 if ok and partials is not None:
                     np.add.at(acc, plan.piece_tensor[plan.pieces(b)], partials)
@@ -1419,18 +1427,28 @@ class Subscriber:
         (a direct version's handles all come with it; a ring has several slots in flight),
         the reads of the ones queued behind bucket ``b`` start before ``b`` is checked, so the
         device copies while the host checks: up to READ_AHEAD plain reads of distinct buckets
-        still to do. A relayed handle, a bucket already started (a re-send: two copies into
-        one shadow must not race) or one held already stops it. Every started read is
-        finished, in order, before its handle is answered; one the version is abandoned with
-        is waited for before the shadows can be reused."""
+        still to do, topped up as each is taken (a sliding window). A relayed handle, a
+        second handle for a bucket already started (a re-send: two copies into one shadow
+        must not race) or a bucket held already stops it. Every started read is finished,
+        in order, before its handle is answered; an error in starting one is raised at its
+        turn. A read the version is abandoned with is waited for (``drain``: no checks,
+        no counts) before the shadows can be reused or freed."""
         seen = {b}
-        for h in pending[:READ_AHEAD]:
+        for h in pending:
             p = h["payload"]
             nb = int(p["bucket"])
-            if nb in seen or nb not in todo or (p.get("relay") or {}).get(self.client_id):
+            if h["handle_id"] in begun:  # started by an earlier call: the window slides
+                seen.add(nb)
+                continue
+            if (len(begun) > READ_AHEAD or nb in seen or nb not in todo
+                    or (p.get("relay") or {}).get(self.client_id) is not None):
                 return
             seen.add(nb)
-            begun[h["handle_id"]] = self._take(version, plan, h, nb, True, shadows)
+            try:
+                begun[h["handle_id"]] = self._take(version, plan, h, nb, True, shadows)
+            except Exception as e:  # a test hook, say: raised at that handle's turn, as before
+                begun[h["handle_id"]] = functools.partial(_reraise, e)
+                return
             self.stats["read_ahead"] += 1
 
     def _end_to_end(self, plan: Plan, mine: list[int], acc: np.ndarray) -> str | None:
@@ -1588,8 +1606,10 @@ class Subscriber:
         return functools.partial(self._check_direct, plan, b, regions, copy, t_read)
 
     def _check_direct(self, plan: Plan, b: int, regions: list, copy: ops.CopyHandle,
-                      t_read: float):
+                      t_read: float, drain: bool = False):
         """Finishes a direct read: every whole tensor is checked against the manifest."""
+        if drain:
+            return self._drain(copy)
         rows = plan.pieces(b)
         tidx = plan.piece_tensor[rows]
         ln = plan.piece_length[rows]
@@ -1610,6 +1630,17 @@ class Subscriber:
                            "publish?)"), None
         self.stats["direct_buckets"] += 1
         return True, None, partials
+
+    def _drain(self, copy: ops.CopyHandle) -> tuple:
+        """Waits for a read of an abandoned version (Note [Read-ahead]): no check, no counts.
+        One still running after the version's timeout is kept referenced (it keeps its
+        tensors alive) rather than freed under the copy."""
+        try:
+            copy.wait(self.cfg.version_timeout_s)
+        except TimeoutError:
+            self._stuck.append(copy)
+            raise
+        return False, "abandoned", None
 
     def _check_base(self, plan: Plan) -> str | None:
         """Note [Delta base]: a delta planned from version b carries the tensors that differ
@@ -1716,8 +1747,10 @@ class Subscriber:
         return functools.partial(self._check_scatter, ring, b, ln, digest, copy, t_scatter)
 
     def _check_scatter(self, ring, b: int, ln: np.ndarray, digest: int, copy: ops.CopyHandle,
-                       t_scatter: float):
+                       t_scatter: float, drain: bool = False):
         """Finishes a read out of a ring: the bucket must hash to the publisher's digest."""
+        if drain:
+            return self._drain(copy)
         try:
             partials = copy.partials()
         except Exception as e:

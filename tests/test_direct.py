@@ -130,6 +130,39 @@ def test_scatter_regions_pieces_and_errors():
 # ------------------------------------------------------------------ the pipeline
 
 
+def test_an_error_starting_a_read_ahead_fails_the_version_at_its_turn(coord):
+    """Note [Read-ahead]: the reads behind the current handle start early; an error in
+    starting one (here the test hook, raising for the third bucket) refuses the version
+    when that bucket's turn comes, after the reads before it were finished, and no read of
+    the abandoned version outlives it: the next version arrives whole."""
+    src, dst = make_model(3), make_model(4)
+    before = snap(dst)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, direct="on")
+    h = dst.register_hotweights(name="m", endpoint=coord, commit="manual")
+    order = []
+
+    def hook(b):
+        order.append(b)
+        if b == 2 and len(order) <= 3:
+            raise RuntimeError("injected start failure")
+
+    h._sub.before_scatter = hook
+    try:
+        with pytest.raises(hotweights.PublishError, match="rejected by every live"):
+            pub.publish("v1", timeout=30)
+        assert order[:3] == [0, 1, 2]  # started ahead of bucket 0's check
+        assert h._sub.stats["read_ahead"] >= 2 and h.version is None
+        assert same(snap(dst), before)
+        reason = hotweights.coordinator.Client(coord).version("m", 1)["rejected"][h.client_id]
+        assert "injected start failure" in reason
+        r = pub.publish("v2", timeout=30)
+        assert h.wait(r.version, timeout=30) == r.version
+        assert same(snap(dst), snap(src)) and not h._sub._stuck
+    finally:
+        h.close()
+        pub.close()
+
+
 def test_direct_updates_follow_aliases_and_replaced_parameters(coord):
     src, dst = make_model(1), make_model(2)
     pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, direct="on")

@@ -88,6 +88,32 @@ def test_gather_scatter_roundtrip_with_digest(device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+def test_hashed_batches_in_flight_read_back_in_any_order(device):
+    """A subscriber's read-ahead (Note [Read-ahead]) has several hashed batches in flight and
+    reads the first one's partial sums while later ones still run: every batch's partials are
+    its own, whichever is read first, and match the checksums of plain torch copies."""
+    srcs = [[_rand(n, torch.float32, device, seed=10 * j + n) for n in (3, 4099, 1 << 20)]
+            for j in range(4)]
+    outs = [[torch.empty_like(t) for t in ts] for ts in srcs]
+    bufs = []
+    for ts in srcs:
+        buf = torch.empty(sum(t.numel() * 4 for t in ts), dtype=torch.uint8, device=device)
+        off = 0
+        for t in ts:
+            buf[off:off + t.numel() * 4].copy_(t.view(torch.uint8))
+            off += t.numel() * 4
+        bufs.append(buf)
+    offsets = [0, 12, 12 + 4099 * 4]
+    handles = [ops.scatter(buf, out, offsets, hash=True, async_op=True)
+               for buf, out in zip(bufs, outs)]
+    for j in (0, 3, 1, 2):  # the first while the later ones may still be queued, then any order
+        parts = handles[j].partials()
+        assert [ops.tensor_digest([p], t.numel() * 4) for p, t in zip(parts, srcs[j])] == \
+            [ops.checksum(t) for t in srcs[j]]
+        assert all(same(a, b) for a, b in zip(outs[j], srcs[j]))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_pieces_of_split_tensors(device):
     t = _rand(10_000, torch.uint8, device)
     buf = torch.zeros(8192, dtype=torch.uint8, device=device)

@@ -72,6 +72,7 @@ class CudaBatch {
   int device_ = 0;
   void* event_ = nullptr;   // cudaEvent_t
   void* stream_ = nullptr;  // the stream that owns acc_ (freed stream-ordered)
+  void* readback_ = nullptr;  // the engine's stream for reading acc_ back (see hashes())
   uint64_t* acc_ = nullptr;
   size_t num_hashes_ = 0;
 };
@@ -99,6 +100,7 @@ class CudaCopyEngine {
   int device_;
   size_t chunk_bytes_;
   std::vector<void*> streams_;  // cudaStream_t
+  void* readback_ = nullptr;    // cudaStream_t: hash read-backs only (CudaBatch::hashes)
 };
 
 // Note [CUDA IPC lifetime]

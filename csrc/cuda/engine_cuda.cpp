@@ -136,9 +136,12 @@ std::vector<uint64_t> CudaBatch::hashes() {
   if (num_hashes_ == 0) return out;
   DeviceGuard g(device_);
   HW_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
-  // On the engine's own (non-blocking) stream: a plain cudaMemcpy runs on the legacy default
-  // stream and would first wait for everything queued there (a model's forward, say).
-  auto s = static_cast<cudaStream_t>(stream_);
+  // The batch is done, so acc_ is final. Read it back on the engine's read-back stream (non-
+  // blocking, nothing else queued there): on the batch's own stream the copy would queue
+  // behind every batch submitted after this one (a subscriber's read-ahead), and a plain
+  // cudaMemcpy runs on the legacy default stream, behind whatever is queued there (a model's
+  // forward, say). acc_ is freed on stream_ only when the batch is destroyed, after this.
+  auto s = static_cast<cudaStream_t>(readback_ ? readback_ : stream_);
   HW_CUDA_CHECK(cudaMemcpyAsync(out.data(), acc_, num_hashes_ * sizeof(uint64_t),
                                 cudaMemcpyDeviceToHost, s));
   HW_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -157,10 +160,14 @@ CudaCopyEngine::CudaCopyEngine(int device, int streams, size_t chunk_bytes)
     HW_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     streams_.push_back(s);
   }
+  cudaStream_t rb;
+  HW_CUDA_CHECK(cudaStreamCreateWithFlags(&rb, cudaStreamNonBlocking));
+  readback_ = rb;
 }
 
 CudaCopyEngine::~CudaCopyEngine() {
   for (void* s : streams_) cudaStreamDestroy(static_cast<cudaStream_t>(s));
+  if (readback_) cudaStreamDestroy(static_cast<cudaStream_t>(readback_));
 }
 
 std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& items,
@@ -187,6 +194,7 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
   auto batch = std::shared_ptr<CudaBatch>(new CudaBatch());
   batch->device_ = device_;
   batch->stream_ = s0;
+  batch->readback_ = readback_;  // engines live for the process (ops._engine), beyond batches
   batch->num_hashes_ = num_hashes;
   if (num_hashes) {
     HW_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&batch->acc_),
