@@ -6,6 +6,7 @@ run without the profiler (the baseline) so the profiler's own overhead shows.
 
     python benchmarks/profile_pipeline.py [--device cuda] [--bucket-mib 64] [--tensors 200]
         [--tensor-mib 1] [--publishes 3] [--clock wall|cpu] [--out DIR]
+        [--delta N --change-tracking version]   (a delta of N tensors per publish)
 
 Needs yappi (pip install yappi). Writes DIR/publisher.pstat and DIR/subscriber.pstat
 (pstats format) when --out is given.
@@ -67,6 +68,9 @@ def main() -> None:
     p.add_argument("--publishes", type=int, default=3)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--direct", default="off")
+    p.add_argument("--delta", type=int, default=0,
+                   help="change only the first N tensors per publish (0: every tensor)")
+    p.add_argument("--change-tracking", default="hash", choices=("hash", "version"))
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -90,11 +94,13 @@ def main() -> None:
         for i in range(a.tensors):
             src.register_buffer(f"t{i:04d}", torch.zeros(numel, device=dev))
         pub = Publisher(src, name="prof", endpoint=coord.endpoint, serve_late=False,
-                        bucket_bytes=int(a.bucket_mib * 2**20), direct=a.direct)
+                        bucket_bytes=int(a.bucket_mib * 2**20), direct=a.direct,
+                        change_tracking=a.change_tracking)
+        changed = list(src.buffers())[:a.delta] if a.delta else list(src.buffers())
 
         def one():
             with torch.no_grad():
-                for t in src.buffers():
+                for t in changed:
                     t.add_(1)
             if dev != "cpu":  # the changes queued on the GPU are not the update's time
                 torch.cuda.synchronize()

@@ -90,6 +90,7 @@ class Manifest:
         self.parent = parent
         self.created = time.time() if created is None else float(created)
         self._index: dict[str, int] | None = None
+        self._static: dict | None = None  # the encoded columns other than the checksums
         if len(set(self.names)) != n:
             seen, dup = set(), None
             for x in self.names:
@@ -204,6 +205,20 @@ class Manifest:
         m.version = version
         return m
 
+    def with_checksums(self, checksums, *, label: str | None = None,
+                       parent: int | None = None) -> "Manifest":
+        """A new manifest of the same tensors (names, dtypes, shapes: the columns are shared)
+        with new checksums, no version yet: the next snapshot of a source whose layout did
+        not change, without re-validating and re-encoding what did not change."""
+        sums = np.ascontiguousarray(checksums, dtype=np.uint64)
+        if sums.shape != (len(self.names),):
+            raise ManifestError(f"with_checksums: checksums of shape {sums.shape}, expected "
+                                f"({len(self.names)},): one per tensor")
+        m = copy.copy(self)
+        m.hashes, m.label, m.parent, m.version, m.created = sums, label, parent, None, time.time()
+        m.digest = m._content_digest()
+        return m
+
     def __repr__(self) -> str:
         return (f"Manifest({self.model!r} v{self.version}, {len(self)} tensors, "
                 f"{self.total_bytes / 2**20:.1f} MiB, digest {self.digest:016x})")
@@ -211,19 +226,21 @@ class Manifest:
     # ------------------------------------------------------------------ serialisation
 
     def _columns(self) -> dict:
-        table = sorted(set(self.dtypes))
-        code = {d: i for i, d in enumerate(table)}
-        ndim = np.fromiter((len(s) for s in self.shapes), np.uint8, len(self.shapes))
-        dims = np.fromiter((d for s in self.shapes for d in s), np.int64)
-        return {
-            "names": self.names,
-            "dtype_table": table,
-            "dtype_idx": np.fromiter((code[d] for d in self.dtypes), np.uint16, len(self.dtypes)).tobytes(),
-            "ndim": ndim.tobytes(),
-            "dims": dims.tobytes(),
-            "nbytes": self.nbytes.astype("<i8").tobytes(),
-            "checksums": self.hashes.astype("<u8").tobytes(),
-        }
+        if self._static is None:  # encoded once (and shared by with_checksums copies)
+            table = sorted(set(self.dtypes))
+            code = {d: i for i, d in enumerate(table)}
+            ndim = np.fromiter((len(s) for s in self.shapes), np.uint8, len(self.shapes))
+            dims = np.fromiter((d for s in self.shapes for d in s), np.int64)
+            self._static = {
+                "names": self.names,
+                "dtype_table": table,
+                "dtype_idx": np.fromiter((code[d] for d in self.dtypes), np.uint16,
+                                         len(self.dtypes)).tobytes(),
+                "ndim": ndim.tobytes(),
+                "dims": dims.tobytes(),
+                "nbytes": self.nbytes.astype("<i8").tobytes(),
+            }
+        return {**self._static, "checksums": self.hashes.astype("<u8").tobytes()}
 
     def _content_digest(self) -> int:
         cols = self._columns()

@@ -243,6 +243,7 @@ class Publisher:
         # that bypass both are NOT seen in this mode.
         self.change_tracking = change_tracking
         self._known: dict[str, tuple] = {}       # name -> (ptr, version, shape, dtype, checksum)
+        self._last_snapshot: tuple | None = None  # ((names, shapes+dtypes), Manifest)
         self._dirty: set[int] = set()            # ids of tensors an optimizer stepped
         self._hooks = [opt.register_step_post_hook(self._on_optimizer_step) for opt in optimizers]
         self._source = source
@@ -625,11 +626,18 @@ class Publisher:
         if todo:
             sums[todo] = ops.checksum_batch([tensors[names[i]].detach() for i in todo])
         self._known = {n: (*keys[i], sums[i]) for i, n in enumerate(names)}
-        return Manifest(names, [dtype_name(t.dtype) for t in tensors.values()],
-                        [tuple(t.shape) for t in tensors.values()],
-                        np.fromiter((t.numel() * t.element_size() for t in tensors.values()),
-                                    np.int64, len(names)),
-                        sums, model=self.name, label=label, parent=self.version)
+        layout = (names, [k[2:] for k in keys])  # names, shapes and dtypes, in order
+        last = self._last_snapshot
+        if last is not None and last[0] == layout:  # the usual case: only values changed
+            m = last[1].with_checksums(sums, label=label, parent=self.version)
+        else:
+            m = Manifest(names, [dtype_name(t.dtype) for t in tensors.values()],
+                         [tuple(t.shape) for t in tensors.values()],
+                         np.fromiter((t.numel() * t.element_size() for t in tensors.values()),
+                                     np.int64, len(names)),
+                         sums, model=self.name, label=label, parent=self.version)
+        self._last_snapshot = (layout, m)
+        return m
 
     @property
     def _params(self) -> dict[str, torch.Tensor]:

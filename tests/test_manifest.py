@@ -127,3 +127,25 @@ def test_dtype_change_with_same_bytes_is_reshaped():
     b = Manifest.from_state_dict({"w": torch.zeros(4, dtype=torch.int32)})
     d = diff(a, b)
     assert d.reshaped == [("w", ("float32", (4,)), ("int32", (4,)))] and d.changed == ["w"]
+
+
+def test_with_checksums_equals_a_manifest_built_from_scratch():
+    """A version-tracked publisher's next snapshot of an unchanged layout shares the columns
+    and re-encodes only the checksums: the result is the manifest built from scratch."""
+    sd = {"a": torch.randn(3, 4), "b": torch.arange(7, dtype=torch.int64),
+          "c": torch.ones(2, 2, 2, dtype=torch.float16)}
+    m1 = Manifest.from_state_dict(sd, model="m", label="v1", parent=None)
+    assert m1.to_bytes()  # encodes (and caches) the static columns
+    with torch.no_grad():
+        sd["a"].add_(1)
+    fresh = Manifest.from_state_dict(sd, model="m", label="v2", parent=4)
+    m2 = m1.with_checksums(fresh.hashes, label="v2", parent=4)
+    assert m2.digest == fresh.digest != m1.digest
+    assert (m2.label, m2.parent, m2.version) == ("v2", 4, None)
+    back = Manifest.from_bytes(m2.to_bytes())
+    assert back.digest == fresh.digest and back.names == fresh.names
+    assert np.array_equal(back.hashes, fresh.hashes) and back.shapes == fresh.shapes
+    assert np.array_equal(m1.hashes, Manifest.from_bytes(m1.to_bytes()).hashes)  # m1 unchanged
+    assert diff(m1, m2).changed == ["a"]
+    with pytest.raises(ManifestError, match=r"shape \(2,\), expected \(3,\)"):
+        m1.with_checksums(np.zeros(2, np.uint64))
