@@ -119,14 +119,27 @@ bool CudaBatch::done() const {
 }
 
 bool CudaBatch::wait(double timeout_s) {
+  // No deadline (every bucket's partial sums): block in the driver, which spins or yields per
+  // the device's schedule flags and returns within microseconds of the batch's end. The
+  // sleep-poll this replaces backed off to 500 us between polls, and on a VM each sleep also
+  // overshoots: a bucket whose copy took 0.1-0.5 ms could be seen done a few hundred
+  // microseconds late, on both sides of every bucket, while the harness's 4 KiB buckets
+  // (done before the first poll) never paid it.
+  if (timeout_s < 0) {
+    HW_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
+    return true;
+  }
+  // With a deadline: yield for the first 200 us (most batches end in that time), then poll
+  // every 50 us.
   const auto t0 = std::chrono::steady_clock::now();
-  auto sleep = std::chrono::microseconds(10);
   while (!done()) {
-    if (timeout_s >= 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
-                                  .count() >= timeout_s)
-      return false;
-    std::this_thread::sleep_for(sleep);
-    sleep = std::min(sleep * 2, std::chrono::microseconds(500));
+    const double waited =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (waited >= timeout_s) return false;
+    if (waited < 200e-6)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
   return true;
 }
