@@ -114,6 +114,29 @@ def test_hashed_batches_in_flight_read_back_in_any_order(device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+def test_a_batch_outlives_its_engine(device):
+    """ops.set_link_classifier drops the cached engines while batches may be in flight: a
+    batch keeps what it runs on (CUDA: its engine's streams) and still reads its hashes."""
+    import gc
+
+    src = [_rand(n, torch.float32, device, seed=n) for n in (7, 1 << 20)]
+    buf = torch.empty(sum(t.numel() * 4 for t in src), dtype=torch.uint8, device=device)
+    buf[:28].copy_(src[0].view(torch.uint8))
+    buf[28:].copy_(src[1].view(torch.uint8))
+    out = [torch.empty_like(t) for t in src]
+    h = ops.scatter(buf, out, [0, 28], hash=True, async_op=True)
+    old = ops._link_classifier
+    ops.set_link_classifier(old)  # clears the engine cache
+    gc.collect()
+    parts = h.partials()
+    assert [ops.tensor_digest([p], t.numel() * 4) for p, t in zip(parts, src)] == \
+        [ops.checksum(t) for t in src]
+    assert all(same(a, b) for a, b in zip(out, src))
+    # and the next batch gets a fresh engine
+    assert ops.scatter(buf, out, [0, 28], hash=True).digest() == h.digest()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_pieces_of_split_tensors(device):
     t = _rand(10_000, torch.uint8, device)
     buf = torch.zeros(8192, dtype=torch.uint8, device=device)

@@ -57,6 +57,18 @@ void checksum_many(const void* const* ptrs, const uint64_t* sizes, size_t n, uin
                    void* stream);
 
 /// Completion of an asynchronous CUDA batch (a recorded event on the caller's stream).
+/// A copy engine's streams, shared with every batch it submits: a batch may outlive its engine
+/// (ops.set_link_classifier clears the engine cache) and still reads its hashes back and frees
+/// its accumulators on them. Destroyed with the last owner.
+struct CudaStreams {
+  std::vector<void*> work;   // cudaStream_t: the copies
+  void* readback = nullptr;  // cudaStream_t: hash read-backs only (CudaBatch::hashes)
+  CudaStreams() = default;
+  CudaStreams(const CudaStreams&) = delete;
+  CudaStreams& operator=(const CudaStreams&) = delete;
+  ~CudaStreams();
+};
+
 class CudaBatch {
  public:
   ~CudaBatch();
@@ -73,6 +85,7 @@ class CudaBatch {
   void* event_ = nullptr;   // cudaEvent_t
   void* stream_ = nullptr;  // the stream that owns acc_ (freed stream-ordered)
   void* readback_ = nullptr;  // the engine's stream for reading acc_ back (see hashes())
+  std::shared_ptr<CudaStreams> streams_owner_;  // keeps stream_ and readback_ alive
   uint64_t* acc_ = nullptr;
   size_t num_hashes_ = 0;
 };
@@ -94,13 +107,12 @@ class CudaCopyEngine {
   std::shared_ptr<CudaBatch> submit(const std::vector<CopyDesc>& items, size_t num_hashes,
                                     void* caller_stream, bool kernel_ok);
   int device() const { return device_; }
-  int streams() const { return static_cast<int>(streams_.size()); }
+  int streams() const { return static_cast<int>(streams_->work.size()); }
 
  private:
   int device_;
   size_t chunk_bytes_;
-  std::vector<void*> streams_;  // cudaStream_t
-  void* readback_ = nullptr;    // cudaStream_t: hash read-backs only (CudaBatch::hashes)
+  std::shared_ptr<CudaStreams> streams_;
 };
 
 // Note [CUDA IPC lifetime]

@@ -2,6 +2,7 @@
 // CUDA device queries and the multi-stream chunked copy engine (Note [Stream ordering]).
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <thread>
@@ -119,8 +120,8 @@ bool CudaBatch::done() const {
 }
 
 bool CudaBatch::wait(double timeout_s) {
-  // No deadline (every bucket's partial sums): block in the driver, which spins or yields per
-  // the device's schedule flags and returns within microseconds of the batch's end. The
+  // No deadline (every bucket's partial sums): block in the driver until the batch's event
+  // (a BlockingSync event: the thread sleeps, no core spins) and wake when it completes. The
   // sleep-poll this replaces backed off to 500 us between polls, and on a VM each sleep also
   // overshoots: a bucket whose copy took 0.1-0.5 ms could be seen done a few hundred
   // microseconds late, on both sides of every bucket, while the harness's 4 KiB buckets
@@ -129,17 +130,16 @@ bool CudaBatch::wait(double timeout_s) {
     HW_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
     return true;
   }
-  // With a deadline: yield for the first 200 us (most batches end in that time), then poll
-  // every 50 us.
+  // With a deadline (no timed event wait exists): poll every 50 us for the first 2 ms, then
+  // back off to 1 ms (a drain may wait minutes on a stuck copy).
   const auto t0 = std::chrono::steady_clock::now();
+  auto sleep = std::chrono::microseconds(50);
   while (!done()) {
     const double waited =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (waited >= timeout_s) return false;
-    if (waited < 200e-6)
-      std::this_thread::yield();
-    else
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    std::this_thread::sleep_for(sleep);
+    if (waited > 2e-3) sleep = std::min(sleep * 2, std::chrono::microseconds(1000));
   }
   return true;
 }
@@ -168,19 +168,24 @@ CudaCopyEngine::CudaCopyEngine(int device, int streams, size_t chunk_bytes)
   HW_CHECK_ARG(chunk_bytes >= 4096 && chunk_bytes % 256 == 0, "CudaCopyEngine: chunk_bytes=",
                chunk_bytes, ", expected a multiple of 256 of at least 4096");
   DeviceGuard g(device);
+  auto set = std::make_shared<CudaStreams>();  // destroys what it holds if a create throws
   for (int i = 0; i < streams; ++i) {
     cudaStream_t s;
     HW_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    streams_.push_back(s);
+    set->work.push_back(s);
   }
   cudaStream_t rb;
   HW_CUDA_CHECK(cudaStreamCreateWithFlags(&rb, cudaStreamNonBlocking));
-  readback_ = rb;
+  set->readback = rb;
+  streams_ = std::move(set);
 }
 
-CudaCopyEngine::~CudaCopyEngine() {
-  for (void* s : streams_) cudaStreamDestroy(static_cast<cudaStream_t>(s));
-  if (readback_) cudaStreamDestroy(static_cast<cudaStream_t>(readback_));
+CudaCopyEngine::~CudaCopyEngine() = default;  // the streams go with their last owner
+
+CudaStreams::~CudaStreams() {
+  // Never throws (a destructor); at interpreter exit the runtime may already be unloading.
+  for (void* s : work) cudaStreamDestroy(static_cast<cudaStream_t>(s));
+  if (readback) cudaStreamDestroy(static_cast<cudaStream_t>(readback));
 }
 
 std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& items,
@@ -197,17 +202,19 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
   }
   DeviceGuard g(device_);
   auto caller = static_cast<cudaStream_t>(caller_stream_);
-  auto s0 = static_cast<cudaStream_t>(streams_[0]);
+  const auto& work = streams_->work;
+  auto s0 = static_cast<cudaStream_t>(work[0]);
   cudaEvent_t fork;
   HW_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
   HW_CUDA_CHECK(cudaEventRecord(fork, caller));
-  for (void* s : streams_) HW_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(s), fork, 0));
+  for (void* s : work) HW_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(s), fork, 0));
   HW_CUDA_CHECK(cudaEventDestroy(fork));  // released once its pending uses are done
 
   auto batch = std::shared_ptr<CudaBatch>(new CudaBatch());
   batch->device_ = device_;
   batch->stream_ = s0;
-  batch->readback_ = readback_;  // engines live for the process (ops._engine), beyond batches
+  batch->readback_ = streams_->readback;
+  batch->streams_owner_ = streams_;  // the batch may outlive this engine
   batch->num_hashes_ = num_hashes;
   if (num_hashes) {
     HW_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&batch->acc_),
@@ -224,7 +231,7 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
     }
     for (uint64_t off = 0; off < it.nbytes; off += chunk_bytes_) {
       const uint64_t len = std::min<uint64_t>(chunk_bytes_, it.nbytes - off);
-      auto s = static_cast<cudaStream_t>(streams_[rr++ % streams_.size()]);
+      auto s = static_cast<cudaStream_t>(work[rr++ % work.size()]);
       HW_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(it.dst) + off,
                                     static_cast<const char*>(it.src) + off, len, cudaMemcpyDefault,
                                     s));
@@ -232,7 +239,7 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
   }
   if (!kernel_items.empty())
     launch_batched_copy(kernel_items.data(), kernel_items.size(), batch->acc_, s0);
-  for (void* sv : streams_) {
+  for (void* sv : work) {
     cudaEvent_t join;
     HW_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
     HW_CUDA_CHECK(cudaEventRecord(join, static_cast<cudaStream_t>(sv)));
@@ -240,7 +247,9 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
     HW_CUDA_CHECK(cudaEventDestroy(join));
   }
   cudaEvent_t done;
-  HW_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  // BlockingSync: a host waiting without a deadline (CudaBatch::wait) sleeps in the driver
+  // until the batch ends instead of spinning a core for the whole copy
+  HW_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming | cudaEventBlockingSync));
   HW_CUDA_CHECK(cudaEventRecord(done, caller));
   batch->event_ = done;
   return batch;
