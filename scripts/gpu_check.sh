@@ -14,7 +14,8 @@
 #     hotweights/_C.cpython-312-x86_64-linux-gnu.so is used), GPU_CHECK_BENCH="bench_copy bench_kv"
 #     (default all), GPU_CHECK_PYTEST="tests/test_ipc.py" (default tests), GPU_CHECK_BUDGET_S,
 #     GPU_CHECK_GDB="tests/x.py::test_y" (native backtraces under cuda-gdb of tests that crash),
-#     GPU_CHECK_SIM_ARGS (bench_simulate's sizes; default --quick), GPU_CHECK_PROFILE_CASES
+#     GPU_CHECK_SIM_ARGS (bench_simulate's sizes; default "--mib 1024 --reps 3", the calibration
+#     size of sessions 5-6, ~25 s), GPU_CHECK_PROFILE_CASES
 #     (which of the three profile cases: 64 MiB ring, 256 MiB ring, 1 GiB direct; default "1 2 3").
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -129,7 +130,7 @@ run_bench bench_replicate $PY benchmarks/bench_replicate.py --device cuda   # th
 run_bench bench_paths $PY benchmarks/bench_paths.py --device cuda --quick \
   --paths h2d_pinned,d2h_pinned,same_device,ipc_same_gpu
 if [ -f "$W/bench_paths.json" ]; then
-  run_bench bench_simulate $PY benchmarks/bench_simulate.py --device cuda ${GPU_CHECK_SIM_ARGS:---quick} \
+  run_bench bench_simulate $PY benchmarks/bench_simulate.py --device cuda ${GPU_CHECK_SIM_ARGS:---mib 1024 --reps 3} \
     --table "$W/bench_paths.json"
 fi
 run_bench bench_copy $PY benchmarks/bench_copy.py --device cuda
