@@ -111,10 +111,10 @@ CUDA_DIRECT_BUCKET_BYTES = 1 << 30
 # A direct version's handles posted with the version itself: at most this many (the protocol's
 # bound on publish(handles=...)) and about this many bytes of piece tables.
 EARLY_HANDLES = 256
+EARLY_HANDLE_BYTES = 1 << 20
 # a subscriber starts the reads of up to READ_AHEAD waiting handles before checking the first
 # (Note [Read-ahead])
 READ_AHEAD = 8
-EARLY_HANDLE_BYTES = 1 << 20
 # Subscribers look for storages a publisher freed at least this often (sooner when it shares
 # new ones).
 PRUNE_EVERY_S = 2.0
@@ -1611,17 +1611,16 @@ class Subscriber:
         except Exception as e:
             return _done((False, f"direct read of bucket {b} failed: {type(e).__name__}: {e}",
                           None))
-        return functools.partial(self._check_direct, plan, b, regions, copy, t_read)
+        return functools.partial(self._check_direct, plan, b, tidx, ln, toff, regions, copy,
+                                 t_read)
 
-    def _check_direct(self, plan: Plan, b: int, regions: list, copy: ops.CopyHandle,
-                      t_read: float, drain: bool = False):
-        """Finishes a direct read: every whole tensor is checked against the manifest."""
+    def _check_direct(self, plan: Plan, b: int, tidx: np.ndarray, ln: np.ndarray,
+                      toff: np.ndarray, regions: list, copy: ops.CopyHandle, t_read: float,
+                      drain: bool = False):
+        """Finishes a direct read of bucket b (its pieces' tensors, lengths and offsets):
+        every whole tensor is checked against the manifest."""
         if drain:
             return self._drain(copy)
-        rows = plan.pieces(b)
-        tidx = plan.piece_tensor[rows]
-        ln = plan.piece_length[rows]
-        toff = plan.piece_tensor_offset[rows]
         try:
             partials = copy.partials()
         except Exception as e:

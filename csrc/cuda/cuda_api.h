@@ -56,7 +56,6 @@ void launch_finalize(const uint64_t* acc, const uint64_t* nbytes, uint64_t* out,
 void checksum_many(const void* const* ptrs, const uint64_t* sizes, size_t n, uint64_t* out,
                    void* stream);
 
-/// Completion of an asynchronous CUDA batch (a recorded event on the caller's stream).
 /// A copy engine's streams, shared with every batch it submits: a batch may outlive its engine
 /// (ops.set_link_classifier clears the engine cache) and still reads its hashes back and frees
 /// its accumulators on them. Destroyed with the last owner.
@@ -69,6 +68,7 @@ struct CudaStreams {
   ~CudaStreams();
 };
 
+/// Completion of an asynchronous CUDA batch (a recorded event on the caller's stream).
 class CudaBatch {
  public:
   ~CudaBatch();
