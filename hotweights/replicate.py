@@ -80,6 +80,7 @@ from . import config as _config
 from . import metrics as _metrics
 from .coordinator import Client, CoordinatorError
 from .dist import launch_info
+from .doorbell import NACK, Doorbell, DoorbellError
 from .ipc import (CudaSourceExport, CudaSourceMaps, DirectUnavailable, HandleError, SlotRing,
                   SourceMaps, open_ring, share_host_tensors)
 from .transport import Transport, TransportError, create_transport, select_transport
@@ -115,6 +116,12 @@ EARLY_HANDLE_BYTES = 1 << 20
 # a subscriber starts the reads of up to READ_AHEAD waiting handles before checking the first
 # (Note [Read-ahead])
 READ_AHEAD = 8
+# a subscriber waiting on a doorbell asks the coordinator (without waiting) when nothing rang
+# for this long: handles that only it has (posted before the lane was claimed, relays)
+DOORBELL_POLL_S = 0.05
+# a publisher asks the coordinator about consumers of doorbell-only buckets left unanswered
+# this long (dead or refusing ones must not hold a slot)
+DOORBELL_STUCK_S = 1.0
 # Subscribers look for storages a publisher freed at least this often (sooner when it shares
 # new ones).
 PRUNE_EVERY_S = 2.0
@@ -193,6 +200,19 @@ class PublishResult:
     retries: int
     timings: dict[str, float]
     reason: str | None = None
+
+
+@dataclasses.dataclass
+class _Rung:
+    """A bucket posted only in the doorbell (Note [Doorbell]): its slot, post sequence number,
+    the consumers' lanes and client ids (in the same order), when it was posted."""
+    slot: int
+    seq: int
+    lanes: np.ndarray
+    cids: list
+    t_post: float
+    version: int
+    bucket: int
 
 
 class _Transfer:
@@ -295,9 +315,13 @@ class Publisher:
         self.metrics = _metrics.PublisherMetrics(
             name, self.window, target_s=self.cfg.ipc_target_bucket_ms / 1000.0,
             max_window=min(self.cfg.ipc_max_inflight, self.slots))
+        # same-node per-bucket control in shared memory (Note [Doorbell])
+        self.doorbell = Doorbell.create(self.slots) if self.cfg.doorbell else None
         self._capabilities = {"ring": self.ring.handle(), "ring_id": self.ring.id,
                               "slot_bytes": self.bucket_bytes, "slots": self.slots,
                               "device": str(self.device), "pid": _pid(), "rank": self.launch.rank}
+        if self.doorbell is not None:
+            self._capabilities["doorbell"] = self.doorbell.handle()
         reg = self.client.register("publisher", name, node=self.node, device=str(self.device),
                                    capabilities=self._capabilities)
         self.client_id = reg["client_id"]
@@ -313,12 +337,20 @@ class Publisher:
         # hashed, before it is announced (tests corrupt or delay slots through it).
         self.after_gather: Callable[[int, torch.Tensor, int], None] | None = None
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "retries": 0, "expired": 0,
-                      "relayed_bytes": 0, "direct_buckets": 0}
+                      "relayed_bytes": 0, "direct_buckets": 0, "doorbell_acks": 0}
         self._routes: dict[str, dict] = {}  # subscriber id -> {"node", "leader", "peer"}
         self._released_after = 0
+        # slots whose posts every consumer can ack through the doorbell: handle id ->
+        # (slot, seq, lanes); freed by _doorbell_loop as soon as those lanes acked
+        self._rung: dict[str, tuple[int, int, np.ndarray]] = {}
         self._releaser = threading.Thread(target=self._release_loop, name=f"hw-pub-{name}",
                                           daemon=True)
         self._releaser.start()
+        self._ringer = None
+        if self.doorbell is not None:
+            self._ringer = threading.Thread(target=self._doorbell_loop,
+                                            name=f"hw-pub-bell-{name}", daemon=True)
+            self._ringer.start()
         # asks the coordinator who subscribes while publish() hashes (one thread: one socket)
         self._asker = concurrent.futures.ThreadPoolExecutor(1, f"hw-pub-ask-{name}")
         self._serve_late = serve_late
@@ -454,6 +486,7 @@ class Publisher:
         manifest = manifest.with_version(version)
         plan.version = version
         self._manifests[version] = manifest
+        info: dict = {"state": "aborted"}  # what an exception below leaves it as, here
         try:
             self._stream(xfer, tensors, manifest, t0 + timeout, skip=len(early))
             t_stream = time.perf_counter()
@@ -475,6 +508,7 @@ class Publisher:
                 xfer.done.set()
                 self._transfer = None
                 self._cv.notify_all()
+            self._settle_rung(xfer, info["state"])
         t_end = time.perf_counter()
         res = PublishResult(
             version=version, state=info["state"], label=label, bytes=plan.total_bytes,
@@ -669,6 +703,8 @@ class Publisher:
         plan = xfer.plan
         src = None if tensors is None else [tensors[n] for n in plan.names]
         queue = list(range(skip, plan.num_buckets))  # the first `skip` went with the version
+        if xfer.direct is None and self.doorbell is not None:
+            self.doorbell.set_ring_version(xfer.version)  # its takers wait on the doorbell
         while True:
             with self._cv:
                 while True:
@@ -694,7 +730,7 @@ class Publisher:
                     if not self._cv.wait(min(left, 0.5)) and self._decided(xfer):
                         return  # committed or aborted meanwhile: nothing left to send
             try:
-                self._send_bucket(xfer, b, slot, src, manifest)
+                self._send_bucket(xfer, b, slot, src, manifest, last=not queue)
             except Exception as e:  # a send that failed frees its slot and aborts the version
                 with self._cv:
                     if slot is not None:
@@ -713,7 +749,8 @@ class Publisher:
         return any(v[4] is xfer for v in self._inflight.values())
 
     def _send_bucket(self, xfer: _Transfer, b: int, slot: int | None,
-                     src: list[torch.Tensor] | None, manifest: Manifest) -> None:
+                     src: list[torch.Tensor] | None, manifest: Manifest,
+                     last: bool = False) -> None:
         if slot is None:
             self._post_direct(xfer, b)
             return
@@ -770,16 +807,32 @@ class Publisher:
             else:
                 relay[leader]["to"].append(c)
         hid = uuid.uuid4().hex
+        db, seq, mask, only = self.doorbell, 0, 0, False
+        if db is not None:  # Note [Doorbell]: the consumers on this node that have a lane
+            seq = db.next_seq()
+            local = [c for c in consumers if c not in relay]
+            mask, lanes, every = db.lanes_of(local)
+            # only in the doorbell when every consumer can take and ack it there; never the
+            # last bucket queued: its release through the coordinator tells that the version
+            # committed (the last ack carries the last precommit), as without doorbells
+            only = bool(mask) and every and not relay and not last
+        t_post = time.perf_counter()
         with self._cv:
-            self._inflight[hid] = (slot, b, used, time.perf_counter(), xfer, [])
+            self._inflight[hid] = (slot, b, used, t_post, xfer, [])
+            if only:
+                self._rung[hid] = _Rung(slot, seq, lanes, local, t_post, xfer.version, b)
             self._report_inflight()
         try:
-            payload = {"bucket": b, "slot": slot, "digest": digest, "ring_id": self.ring.id,
-                       "attempt": attempt}
-            if relay:
-                payload["relay"] = relay
-            self.client.post_handle(self.client_id, self.name, xfer.version, payload,
-                                    consumers=consumers, handle_id=hid)
+            if not only:
+                payload = {"bucket": b, "slot": slot, "digest": digest, "ring_id": self.ring.id,
+                           "attempt": attempt}
+                if relay:
+                    payload["relay"] = relay
+                self.client.post_handle(self.client_id, self.name, xfer.version, payload,
+                                        consumers=consumers, handle_id=hid)
+            if mask:  # after the coordinator has it: a taker's ack may reach it first
+                db.post(slot, seq, version=xfer.version, bucket=b, attempt=attempt, used=used,
+                        digest=digest, mask=mask, handle_id=hid, coordinated=not only)
             # bytes cross to each remote node once, to its leader (Note [Hierarchy]); started
             # under the lock so the release of this handle always sees its sends
             with self._cv:
@@ -790,6 +843,7 @@ class Publisher:
         except Exception:
             with self._cv:
                 self._inflight.pop(hid, None)
+                self._rung.pop(hid, None)
                 self._report_inflight()
             raise
         xfer.posted += 1
@@ -869,52 +923,138 @@ class Publisher:
                     time.sleep(0.5)
                     continue
                 self._released_after = r["last"]
-                now = time.perf_counter()
-                with self._cv:
-                    done = [(rel, self._inflight.pop(rel["handle_id"], None)) for rel in r["released"]]
-                # Sends to relays are settled outside the lock: a dead peer may take a while.
-                for rel, entry in done:
-                    if entry is not None:
-                        self._settle_sends(entry[5], entry[1])
-                progress = []  # the callers' callbacks run after the lock is released
-                acked = False
-                with self._cv:
-                    for rel, entry in done:
-                        if entry is None:
-                            continue
-                        slot, b, nbytes, t_post, xfer, _ = entry
-                        if slot is not None:
-                            self._free.append(slot)
-                        lost = [c for c in rel.get("missing", []) if self._is_leader(c)]
-                        if lost and xfer is self._transfer and not xfer.failed:
-                            # a node's relay is gone: its subscribers cannot finish this version
-                            xfer.failed = (f"relay {lost[0]} of node "
-                                           f"{self._routes[lost[0]]['node']!r} did not take bucket "
-                                           f"{b} ({rel['reason']}); aborting")
-                            continue
-                        if rel.get("version_state") == "committed" and xfer.version == rel["version"]:
-                            xfer.committed = True  # the last ack carried the last precommit
-                        if rel["reason"] == "acked":
-                            self.window.on_complete(time.monotonic(), max(now - t_post, 1e-6), max(nbytes, 1))
-                            self.metrics.completed(max(now - t_post, 1e-6))
-                            acked = True
-                            xfer.acked_bytes += int(xfer.plan.piece_length[xfer.plan.pieces(b)].sum())
-                            if xfer.progress is not None:
-                                progress.append((xfer.progress, xfer.acked_bytes,
-                                                 xfer.plan.total_bytes))
-                        elif xfer is self._transfer and not xfer.failed:
-                            self._handle_failure(xfer, b, rel)
-                    self._report_inflight()
-                    self._cv.notify_all()
-                if acked:  # the window's gauges once per batch of releases, off the lock
-                    self.metrics.window(self.window)
-                for fn, nacked, total in progress:
-                    try:  # the caller's: it must not stop the releases
-                        fn(nacked, total)
-                    except Exception as e:
-                        log.warning("publisher %s: progress callback raised %r", self.name, e)
+                self._settle(r["released"], time.perf_counter())
         finally:
             self.client.release_thread()
+
+    def _settle(self, released: list[dict], now: float) -> None:
+        """Frees the slots of released handles (from the coordinator, or rung back through
+        the doorbell: reason "acked"), feeds the window, re-sends what failed. A handle
+        settled already (through the other path) is skipped."""
+        with self._cv:
+            done = [(rel, self._inflight.pop(rel["handle_id"], None)) for rel in released]
+            for rel in released:
+                self._rung.pop(rel["handle_id"], None)
+                xfer = self._transfer
+                if (rel.get("version_state") == "committed" and xfer is not None
+                        and xfer.version == rel["version"]):
+                    xfer.committed = True  # the last ack carried the last precommit
+        # Sends to relays are settled outside the lock: a dead peer may take a while.
+        for rel, entry in done:
+            if entry is not None:
+                self._settle_sends(entry[5], entry[1])
+        progress = []  # the callers' callbacks run after the lock is released
+        acked = False
+        with self._cv:
+            for rel, entry in done:
+                if entry is None:
+                    continue
+                slot, b, nbytes, t_post, xfer, _ = entry
+                if slot is not None:
+                    self._free.append(slot)
+                lost = [c for c in rel.get("missing", []) if self._is_leader(c)]
+                if lost and xfer is self._transfer and not xfer.failed:
+                    # a node's relay is gone: its subscribers cannot finish this version
+                    xfer.failed = (f"relay {lost[0]} of node "
+                                   f"{self._routes[lost[0]]['node']!r} did not take bucket "
+                                   f"{b} ({rel['reason']}); aborting")
+                    continue
+                if rel["reason"] == "acked":
+                    self.window.on_complete(time.monotonic(), max(now - t_post, 1e-6), max(nbytes, 1))
+                    self.metrics.completed(max(now - t_post, 1e-6))
+                    acked = True
+                    xfer.acked_bytes += int(xfer.plan.piece_length[xfer.plan.pieces(b)].sum())
+                    if xfer.progress is not None:
+                        progress.append((xfer.progress, xfer.acked_bytes, xfer.plan.total_bytes))
+                elif xfer is self._transfer and not xfer.failed:
+                    self._handle_failure(xfer, b, rel)
+            self._report_inflight()
+            self._cv.notify_all()
+        if acked:  # the window's gauges once per batch of releases, off the lock
+            self.metrics.window(self.window)
+        for fn, nacked, total in progress:
+            try:  # the caller's: it must not stop the releases
+                fn(nacked, total)
+            except Exception as e:
+                log.warning("publisher %s: progress callback raised %r", self.name, e)
+
+    def _doorbell_loop(self) -> None:
+        """Settles the buckets posted only in the doorbell (Note [Doorbell]) as their lanes
+        answer: freed when every lane verified it, re-sent when one failed. What the
+        coordinator's lease and liveness did for them is done here: a consumer that died
+        (or refused the version) does not hold a slot, one that stays silent past the lease
+        (``handle_ttl``) gets the bucket again."""
+        db = self.doorbell
+        asked = 0.0
+        gone: dict[int, set[str]] = {}  # by version: consumers known not to answer any more
+        try:
+            while not self._closed:
+                seen = db.acked_count()
+                with self._cv:
+                    rung = list(self._rung.items())
+                now = time.perf_counter()
+                done, fresh = [], False
+                for hid, e in rung:
+                    words = db.answers(e.slot, e.lanes)
+                    ok, bad = words == e.seq, words == (e.seq | NACK)
+                    waiting = ~(ok | bad)
+                    if waiting.any() and e.version in gone:
+                        waiting &= ~np.isin(np.array(e.cids), list(gone[e.version]))
+                    if waiting.any():
+                        if now - e.t_post < DOORBELL_STUCK_S:
+                            continue
+                        if not fresh and now - asked > DOORBELL_STUCK_S / 2:
+                            asked, fresh = now, True
+                            news = self._gone_consumers({x.version for _, x in rung})
+                            if news is not None:
+                                gone = news  # (versions no longer in flight drop out)
+                        if e.version not in gone:
+                            continue
+                        waiting &= ~np.isin(np.array(e.cids), list(gone[e.version]))
+                        if waiting.any():
+                            if now - e.t_post > self.cfg.handle_ttl:
+                                done.append({"handle_id": hid, "reason": "expired",
+                                             "version": e.version, "errors": {},
+                                             "missing": [e.cids[i] for i in np.flatnonzero(waiting)]})
+                            continue
+                    errors = {e.cids[i]: f"checksum mismatch in bucket {e.bucket} (reported "
+                                         "through the doorbell)" for i in np.flatnonzero(bad)}
+                    done.append({"handle_id": hid, "reason": "nacked" if errors else "acked",
+                                 "version": e.version, "errors": errors, "missing": []})
+                if done:
+                    self.stats["doorbell_acks"] += sum(d["reason"] == "acked" for d in done)
+                    self._settle(done, time.perf_counter())
+                else:
+                    db.wait_acked(seen, 0.1 if rung else 0.5)
+        except Exception:  # the coordinator path still settles what it posted
+            log.exception("publisher %s: doorbell loop failed", self.name)
+        finally:
+            self.client.release_thread()
+
+    def _gone_consumers(self, versions: set[int]) -> dict[int, set[str]] | None:
+        """For each version: its consumers that will not answer any more (dead, gone, or
+        refused it); None when the coordinator cannot say now."""
+        try:
+            alive = {c["client_id"] for c in self.client.clients(self.name) if c["alive"]}
+            out = {}
+            for v in versions:
+                rec = self.client.version(self.name, v)
+                out[v] = set(rec.get("rejected", {})) | (set(rec.get("expected", [])) - alive)
+            return out
+        except Exception as e:
+            log.info("publisher %s: liveness of doorbell consumers unknown: %s", self.name, e)
+            return None
+
+    def _settle_rung(self, xfer: "_Transfer", state: str) -> None:
+        """At the end of a version: its doorbell-only buckets still unanswered free their
+        slots (committed: whoever did not answer left the quorum; aborted: nobody needs
+        them), as the coordinator releases its handles of a decided version."""
+        with self._cv:
+            left = [hid for hid, e in self._rung.items() if e.version == xfer.version]
+        if left:
+            reason = "acked" if state == "committed" else "aborted"
+            self._settle([{"handle_id": hid, "reason": reason, "version": xfer.version,
+                           "errors": {}, "missing": []} for hid in left], time.perf_counter())
 
     def _is_leader(self, cid: str) -> bool:
         return any(r.get("leader") == cid for r in self._routes.values())
@@ -1021,7 +1161,7 @@ class Publisher:
             h.remove()
         with self._cv:
             self._cv.notify_all()
-        for t in (self._releaser, self._watcher):
+        for t in (self._releaser, self._watcher, self._ringer):
             if t is not None:
                 t.join(5)
         _retire(self._asker, self.client, f"publisher {self.name}")
@@ -1037,6 +1177,8 @@ class Publisher:
         if self._own_source:
             self._source.close()
         self.ring = None
+        if self.doorbell is not None:
+            self.doorbell.close()
 
     def __enter__(self):
         return self
@@ -1163,10 +1305,12 @@ class Subscriber:
         self._closed = False
         self.errors: list[tuple[int, str]] = []
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "nacks": 0, "aborted": 0,
-                      "direct_buckets": 0, "ack_failures": 0, "read_ahead": 0}
+                      "direct_buckets": 0, "ack_failures": 0, "read_ahead": 0,
+                      "doorbell_takes": 0}
         self._stuck: list = []  # reads of abandoned versions that outlived their wait
         self.metrics = _metrics.SubscriberMetrics(name)
         self._rings: dict[str, Any] = {}          # owner client id -> ring import
+        self._doorbells: dict[str, Doorbell] = {}  # owner client id -> its doorbell, lane held
         self._sources = SourceMaps()              # publishers' storages (Note [Direct reads])
         self._cuda_sources = CudaSourceMaps()     # the same for a CUDA publisher (opt-in)
         self._source_pids: dict[str, int] = {}    # owner client id -> its pid
@@ -1314,9 +1458,14 @@ class Subscriber:
                 if time.perf_counter() > deadline:
                     self._fail(version, f"timed out with {len(todo)} bucket(s) missing")
                     return None
+                # a ring's same-node buckets ring a doorbell (Note [Doorbell]); the
+                # coordinator is still asked, without waiting, when nothing rang for a while
+                pending, rung = self._rung_handles(version, info.get("publisher"), answered)
+                if pending:
+                    continue
                 try:
                     r = self.client.get_handles(self.client_id, self.name, version, after=after,
-                                                wait_ms=1000)
+                                                wait_ms=0 if rung else 1000)
                 except CoordinatorError as e:
                     self._fail(version, f"get_handles failed: {e}", reject=False)
                     return None
@@ -1351,7 +1500,7 @@ class Subscriber:
                 bad = self._end_to_end(plan, mine, acc)
                 if bad is not None:
                     if h is not None:
-                        self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
+                        self._answer_now(h, ok, err)
                     self._fail(version, bad)
                     return None
                 if self._stream is not None:
@@ -1365,7 +1514,9 @@ class Subscriber:
             r = {}
             if h is not None:
                 answered.add(h["handle_id"])
-                if last:
+                if h.get("rung_only"):  # posted only in the doorbell: answered only there
+                    self._answer_now(h, ok, err)
+                elif last:
                     self._flush_acks()
                     r = self.client.ack_handle(self.client_id, h["handle_id"], ok, err,
                                                precommit=True)
@@ -1378,6 +1529,7 @@ class Subscriber:
                     return None
                 if "state" not in r:  # no handle to carry it, or the handle was gone
                     try:
+                        self._flush_acks()
                         r = self.client.precommit(self.client_id, self.name, version)
                     except CoordinatorError as e:  # aborted meanwhile, say
                         log.info("subscriber %s: version %d: %s", self.name, version, e)
@@ -1471,6 +1623,16 @@ class Subscriber:
                     f"manifest says {int(plan.checksums[i]):016x}")
         return None
 
+    def _answer_now(self, h: dict, ok: bool, err: str | None) -> None:
+        """Answers a handle at once: in the doorbell when it was posted only there (Note
+        [Doorbell]), else to the coordinator."""
+        if not h.get("rung_only"):
+            self.client.ack_handle(self.client_id, h["handle_id"], ok, err)
+            return
+        db = self._doorbells.get(h["owner"])
+        if db is not None:
+            db.ack(int(h["payload"]["slot"]), int(h["payload"]["seq"]), ok)
+
     def _ack(self, hid: str, ok: bool, err: str | None) -> None:
         try:
             self.client.ack_handle(self.client_id, hid, ok, err)
@@ -1490,7 +1652,50 @@ class Subscriber:
             pub = self.client.get_client(publisher_id)
             ring = open_ring(pub["capabilities"]["ring"], self.device)
             self._rings[publisher_id] = ring
+            self._open_doorbell(publisher_id, pub["capabilities"].get("doorbell"))
         return ring
+
+    def _open_doorbell(self, publisher_id: str, handle: bytes | None) -> None:
+        """Maps the publisher's doorbell and claims a lane in it (Note [Doorbell]); without
+        one (switched off, another node, all lanes taken) its buckets come through the
+        coordinator only."""
+        if handle is None or not self.cfg.doorbell:
+            return
+        try:
+            db = Doorbell.open(handle)
+        except DoorbellError as e:
+            log.info("subscriber %s: no doorbell for %s: %s", self.name, publisher_id, e)
+            return
+        if db.claim(self.client_id) is None:
+            log.info("subscriber %s: the doorbell of %s has no free lane", self.name, publisher_id)
+            db.close()
+            return
+        self._doorbells[publisher_id] = db
+
+    def _rung_handles(self, version: int, owner: str | None, answered: set) -> tuple[list, bool]:
+        """Waits up to DOORBELL_POLL_S for this lane's posts of ``version`` in the doorbell of
+        its publisher (Note [Doorbell]) and returns them as handles, oldest first, with
+        whether the doorbell is in use for this version (if not, the coordinator is
+        long-polled instead)."""
+        db = self._doorbells.get(owner)
+        if db is None or db.ring_version() != version:
+            return [], False
+        end = time.perf_counter() + DOORBELL_POLL_S
+        while not self._closed:
+            seen = db.posted_count()
+            recs = db.take(version, answered)
+            if recs:
+                self.stats["doorbell_takes"] += len(recs)
+                return [{"handle_id": r["handle_id"], "owner": owner,
+                         "consumers": [self.client_id], "rung_only": not r["coordinated"],
+                         "payload": {"bucket": r["bucket"], "slot": r["slot"],
+                                     "digest": r["digest"], "attempt": r["attempt"],
+                                     "seq": r["seq"]}} for r in recs], True
+            left = end - time.perf_counter()
+            if left <= 0:
+                break
+            db.wait_posted(seen, left)
+        return [], True
 
     def _transport_for(self, name: str) -> Transport:
         if self._transport is None:
@@ -1558,6 +1763,8 @@ class Subscriber:
             if not live:
                 if cid in self._rings:
                     self._rings.pop(cid).close()
+                if cid in self._doorbells:
+                    self._doorbells.pop(cid).close()
                 if cid in self._source_pids:
                     pid = self._source_pids.pop(cid)
                     # a later publisher in the same process keeps its mappings (whatever
@@ -1803,6 +2010,9 @@ class Subscriber:
         for ring in self._rings.values():
             ring.close()
         self._rings.clear()
+        for db in self._doorbells.values():
+            db.close()
+        self._doorbells.clear()
         self._sources.drop()
         self._cuda_sources.drop()
         self._source_pids.clear()

@@ -150,11 +150,17 @@ def test_no_torn_reads_under_repeated_updates(coord, device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_subscriber_killed_mid_transfer_others_commit(coord, monkeypatch, device):
+@pytest.mark.parametrize("direct", ["auto", "off"])
+def test_subscriber_killed_mid_transfer_others_commit(coord, monkeypatch, device, direct):
+    """direct="off": through the ring, whose buckets go through the doorbell only (Note
+    [Doorbell]): the dead subscriber's lane must not hold the slots."""
+    if device != "cpu" and direct == "off":
+        pytest.skip("a CUDA publisher streams through the ring by default already")
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
     src = make_model(3, width=128, device=device)
-    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=3)
+    pub = hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096, slots=3,
+                               direct=direct)
     mid = ctx.Event()
     try:
         with children(subscriber, coord, [{"versions": 1, "width": 128, "device": device},
@@ -182,6 +188,8 @@ def test_subscriber_killed_mid_transfer_others_commit(coord, monkeypatch, device
                 time.sleep(0.1)
             assert sorted(pub._free) == list(range(pub.slots))
             assert time.monotonic() - t0 < 60
+            if direct == "off" and device == "cpu":  # the ring went through the doorbell
+                assert pub.stats["doorbell_acks"] > 0 and not pub._rung
     finally:
         pub.close()
     gc.collect()

@@ -13,10 +13,12 @@
 
 #include <atomic>
 #include <cstring>
+#include <limits>
 
 #include "core/checksum.h"
 #include "core/common.h"
 #include "core/copy_engine.h"
+#include "core/doorbell.h"
 #include "core/pack.h"
 #include "core/shm.h"
 #include "core/thread_pool.h"
@@ -35,6 +37,14 @@ using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>
 
 constexpr size_t kDigestChunk = 4 << 20;
 constexpr size_t kManyChunk = 1 << 20;  // hw64_digest_many: pieces of a few MiB still spread
+
+// The word of `width` bytes at `off` in a region, checked: in bounds and naturally aligned.
+void* region_word(const hw::ShmRegion& r, size_t off, size_t width) {
+  HW_CHECK_ARG(off % width == 0 && off <= r.size() && r.size() - off >= width, "offset ", off,
+               ": expected a multiple of ", width, " with ", width, " bytes inside the region of ",
+               r.size(), " bytes");
+  return static_cast<char*>(r.data()) + off;
+}
 
 // Multi-threaded hw64 digest of one host buffer (Note [hw64 checksum]: any split adds up).
 uint64_t digest_host(uintptr_t ptr, size_t n) {
@@ -228,6 +238,33 @@ PYBIND11_MODULE(_C, m) {
       .def("stale", &hw::ShmRegion::stale)
       .def("bump_generation", &hw::ShmRegion::bump_generation)
       .def("handle", [](const hw::ShmRegion& r) { return py::bytes(r.handle()); })
+      // cross-process atomics on the region's words (Note [Doorbell], hotweights/doorbell.py)
+      .def("load64", [](const hw::ShmRegion& r, size_t off) {
+        return hw::atomic_load64(region_word(r, off, 8));
+      }, py::arg("offset"))
+      .def("store64", [](hw::ShmRegion& r, size_t off, uint64_t v) {
+        hw::atomic_store64(region_word(r, off, 8), v);
+      }, py::arg("offset"), py::arg("value"))
+      .def("add64", [](hw::ShmRegion& r, size_t off, uint64_t v) {
+        return hw::atomic_add64(region_word(r, off, 8), v);
+      }, py::arg("offset"), py::arg("value"))
+      .def("cas64", [](hw::ShmRegion& r, size_t off, uint64_t expected, uint64_t desired) {
+        return hw::atomic_cas64(region_word(r, off, 8), expected, desired);
+      }, py::arg("offset"), py::arg("expected"), py::arg("desired"))
+      .def("load32", [](const hw::ShmRegion& r, size_t off) {
+        return hw::atomic_load32(region_word(r, off, 4));
+      }, py::arg("offset"))
+      .def("add32", [](hw::ShmRegion& r, size_t off, uint32_t v) {
+        return hw::atomic_add32(region_word(r, off, 4), v);
+      }, py::arg("offset"), py::arg("value"))
+      .def("wait32", [](hw::ShmRegion& r, size_t off, uint32_t expected, double timeout_s) {
+        void* p = region_word(r, off, 4);
+        py::gil_scoped_release nogil;
+        return hw::futex_wait32(p, expected, timeout_s);
+      }, py::arg("offset"), py::arg("expected"), py::arg("timeout_s"))
+      .def("wake32", [](hw::ShmRegion& r, size_t off, int n) {
+        return hw::futex_wake32(region_word(r, off, 4), n);
+      }, py::arg("offset"), py::arg("n") = std::numeric_limits<int>::max())
       .def_buffer([](hw::ShmRegion& r) {
         return py::buffer_info(r.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(r.size())}, {1});

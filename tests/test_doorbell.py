@@ -1,0 +1,251 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The same-node doorbell (Note [Doorbell], hotweights/doorbell.py): its atomics and futex
+waits, lanes, post records and acks across real processes, and a ring update through it
+against the coordinator-only path."""
+
+import gc
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import msgpack
+import pytest
+import torch
+
+import hotweights
+from hotweights import _C, config
+from hotweights.coordinator import start_embedded
+from hotweights.doorbell import LANES, NACK, Doorbell, DoorbellError
+
+from utils import hotweights_fds, spawned
+
+
+def _post(db, slot, seq, version=3, bucket=None, mask=1, coordinated=False, hid=None):
+    db.post(slot, seq, version=version, bucket=slot if bucket is None else bucket, attempt=1,
+            used=100 + slot, digest=(0xF0 << 56) | slot, mask=mask,
+            handle_id=hid or f"{seq:032x}", coordinated=coordinated)
+
+
+# --------------------------------------------------------------------------- atomics
+
+
+def test_region_atomics_check_offsets_and_timeouts():
+    r = _C.ShmRegion.create(4096, "atomics")
+    assert r.load64(8) == 0
+    assert r.add64(8, 5) == 0 and r.add64(8, 2) == 5 and r.load64(8) == 7
+    assert r.cas64(8, 7, 11) and not r.cas64(8, 7, 12) and r.load64(8) == 11
+    r.store64(16, 2**64 - 1)
+    assert r.load64(16) == 2**64 - 1  # the whole u64 range (digests, NACK)
+    assert r.add32(64, 1) == 0 and r.load32(64) == 1
+    assert r.wait32(64, 0, 1.0)  # the word differs already: returns at once
+    assert not r.wait32(64, 1, 0.05)  # nobody rings: a timeout
+    assert r.wake32(64) == 0
+    for bad in (3, 4095, 4096, 1 << 40):
+        with pytest.raises(ValueError, match=f"offset {bad}: expected a multiple of 8"):
+            r.load64(bad)
+    with pytest.raises(ValueError, match="offset 2: expected a multiple of 4"):
+        r.add32(2, 1)
+    with pytest.raises(ValueError, match="timeout_s=-1.*expected seconds"):
+        r.wait32(64, 1, -1.0)
+
+
+def _waiter(i, handle, q):
+    db = Doorbell.open(handle)
+    seen = db.posted_count()
+    q.put("waiting")
+    q.put(("woken", db.wait_posted(seen, 60.0), db.posted_count()))
+    db.close()
+
+
+def test_a_post_wakes_a_waiter_in_another_process():
+    db = Doorbell.create(2)
+    q = mp.get_context("spawn").Queue()
+    with spawned(_waiter, db.handle(), q, timeout=60):
+        assert q.get(timeout=60) == "waiting"
+        time.sleep(0.2)  # (the child may or may not be asleep yet: both must work)
+        _post(db, 0, db.next_seq())
+        kind, woken, count = q.get(timeout=60)
+    assert kind == "woken" and woken and count == 1
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _taker(i, handle, q, answers):
+    """Claims a lane, then answers the posts of version 3 as ``answers`` says (by bucket)."""
+    db = Doorbell.open(handle)
+    lane = db.claim(f"sub-{i}")
+    q.put(("lane", i, lane))
+    taken, deadline = {}, time.monotonic() + 60
+    while len(taken) < len(answers) and time.monotonic() < deadline:
+        seen = db.posted_count()
+        for r in db.take(3, set(taken)):
+            taken[r["handle_id"]] = r
+            db.ack(r["slot"], r["seq"], ok=answers[r["bucket"]])
+        if len(taken) < len(answers):
+            db.wait_posted(seen, 1.0)
+    q.put(("taken", i, sorted((r["bucket"], r["slot"], r["used"], r["digest"], r["attempt"],
+                               r["coordinated"]) for r in taken.values())))
+    db.close()
+
+
+def test_posts_reach_their_lanes_and_acks_come_back():
+    """Two subscriber processes; each post is for one lane or both; acks and nacks come back
+    as the publisher reads them (plain-Python reference: what each child was told to do)."""
+    db = Doorbell.create(4)
+    q = mp.get_context("spawn").Queue()
+    answers = {0: True, 1: False, 2: True}
+    with spawned(_taker, db.handle(), q, answers, n=2, timeout=60):
+        lanes = dict(q.get(timeout=60)[1:] for _ in range(2))
+        assert sorted(lanes.values()) == [0, 1]
+        mask, have, every = db.lanes_of(["sub-0", "sub-1"])
+        assert every and mask == 0b11 and sorted(have.tolist()) == [0, 1]
+        mask1, have1, every1 = db.lanes_of(["sub-0", "nobody"])
+        assert not every1 and mask1 == 1 << lanes[0] and have1.tolist() == [lanes[0]]
+        _post(db, 3, 99, version=2)  # another version: nobody takes it
+        seqs = {}
+        for b in answers:
+            seqs[b] = db.next_seq()
+            _post(db, b, seqs[b], mask=mask, coordinated=(b == 2))
+        got = {}
+        for _ in range(2):
+            _, i, recs = q.get(timeout=60)
+            got[i] = recs
+    want = [(b, b, 100 + b, (0xF0 << 56) | b, 1, b == 2) for b in answers]
+    assert got == {0: want, 1: want}
+    for b, ok in answers.items():
+        words = db.answers(b, have).tolist()
+        assert words == [seqs[b] if ok else seqs[b] | NACK] * 2
+    db.close()
+
+
+def test_take_skips_records_being_written_other_versions_and_taken_handles():
+    db = Doorbell.create(3)
+    sub = Doorbell.open(db.handle())
+    assert sub.take(3, set()) == []  # no lane: nothing is for it
+    assert sub.claim("me") == 0 and sub.claim("me") == 0  # claimed once
+    _post(db, 0, 5, hid="aa" * 16)
+    _post(db, 1, 4, hid="bb" * 16)  # an older post in a later slot: still first
+    _post(db, 2, 6, version=4)
+    assert [r["seq"] for r in sub.take(3, set())] == [4, 5]
+    assert [r["handle_id"] for r in sub.take(3, {"aa" * 16})] == ["bb" * 16]
+    # a record whose seqlock says "being written" is left for the next look
+    rec_at = db._records_at
+    db._r.store64(rec_at, 0)
+    assert [r["seq"] for r in sub.take(3, set())] == [4]
+    _post(db, 0, 7, mask=0b10)  # rewritten for another lane
+    assert [r["seq"] for r in sub.take(3, set())] == [4]
+    sub.close()
+    db.close()
+
+
+def _claim_and_die(i, handle, q):
+    db = Doorbell.open(handle)
+    q.put(("lane", db.claim("doomed")))
+    time.sleep(3600)
+
+
+def test_lanes_run_out_then_a_dead_holders_lane_is_taken_over():
+    db = Doorbell.create(1)
+    q = mp.get_context("spawn").Queue()
+    with pytest.raises(AssertionError):  # the child is killed on purpose
+        with spawned(_claim_and_die, db.handle(), q, timeout=1) as procs:
+            assert q.get(timeout=60) == ("lane", 0)
+            os.kill(procs[0].pid, signal.SIGKILL)
+            procs[0].join(30)
+    subs = [Doorbell.open(db.handle()) for _ in range(LANES)]
+    lanes = [s.claim(f"s{i}") for i, s in enumerate(subs)]
+    # 63 free lanes, then lane 0 of the dead process
+    assert lanes == list(range(1, LANES)) + [0]
+    extra = Doorbell.open(db.handle())
+    assert extra.claim("one too many") is None  # all held by live processes
+    subs[5].close()  # gives its lane back
+    assert extra.claim("one too many") == lanes[5]
+    mask, have, every = db.lanes_of(["one too many", "s0"])
+    assert every and mask == (1 << lanes[5]) | (1 << lanes[0])
+    for s in subs + [extra]:
+        s.close()
+    assert db.lanes_of(["s0"])[2] is False
+    db.close()
+
+
+def test_bad_doorbell_handles_are_refused_by_name():
+    db = Doorbell.create(2)
+    with pytest.raises(DoorbellError, match="not valid msgpack"):
+        Doorbell.open(b"\xc1garbage")
+    with pytest.raises(DoorbellError, match="not a hotweights doorbell handle"):
+        Doorbell.open(msgpack.packb({"magic": "hotweights.ring"}))
+    info = msgpack.unpackb(db.handle())
+    with pytest.raises(DoorbellError, match="does not match its handle"):
+        Doorbell.open(msgpack.packb({**info, "slots": 3}))
+    with pytest.raises(DoorbellError):
+        Doorbell.open(msgpack.packb({**info, "raw": info["raw"][:20]}))
+    with pytest.raises(ValueError, match="slots=0, expected 1..1024"):
+        Doorbell.create(0)
+    db.close()
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    for k, v in {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
+                 "HOTWEIGHTS_HANDLE_TTL": "3"}.items():
+        monkeypatch.setenv(k, v)
+    config.reset()
+    c = start_embedded()
+    yield c.endpoint, monkeypatch
+    c.stop()
+    config.reset()
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("bell", ["1", "0"])
+def test_ring_updates_through_the_doorbell_match_the_coordinator_path(fast, bell):
+    """The same versions through the ring with and without the doorbell: bit-exact either
+    way; with it, every bucket but each version's last is taken and acked in shared memory
+    (none of them reaches the coordinator), and a corrupted one is nacked there and re-sent."""
+    endpoint, mp_ = fast
+    mp_.setenv("HOTWEIGHTS_DOORBELL", bell)
+    config.reset()
+    src, dst = _model(1), _model(2)
+    pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
+                               slots=3, direct="off", serve_late=False)
+    h = dst.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
+    try:
+        for i in range(3):
+            with torch.no_grad():
+                for p in src.parameters():
+                    p.mul_(1.5).add_(0.25)
+            if i == 2:  # corrupt bucket 2 once
+                pub.after_gather = lambda b, slot, a: slot.__setitem__(7, slot[7] ^ 0xFF) \
+                    if b == 2 and a == 1 else None
+            r = pub.publish(f"v{i}", timeout=60)
+            h.wait(r.version, timeout=60)
+            assert _same(src, dst)
+        assert r.retries == 1 and h._sub.stats["nacks"] == 1
+        buckets = r.buckets
+        if bell == "1":
+            assert pub.doorbell is not None
+            # versions 2 and 3: the lane was claimed during version 1
+            assert pub.stats["doorbell_acks"] >= 2 * (buckets - 1) - 1
+            assert h._sub.stats["doorbell_takes"] >= 2 * (buckets - 1)
+        else:
+            assert pub.doorbell is None and pub.stats["doorbell_acks"] == 0
+            assert h._sub.stats["doorbell_takes"] == 0
+        assert sorted(pub._free) == list(range(pub.slots)) and not pub._rung
+    finally:
+        h.close()
+        pub.close()
+    gc.collect()
+    assert hotweights_fds() == []  # ring and doorbell memfds are gone
