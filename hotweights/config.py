@@ -205,7 +205,7 @@ _SETTINGS: tuple[Setting, ...] = (
     _s("ipc_target_bucket_ms", 250.0, _float(0, None, lo_open=True), "Bucket service-time budget (ms): above it the window shrinks.", "window"),
     _s("bucket_mb", 64, _int(1, 1 << 20), "Bucket (slot) size in MiB for plans and slot rings.", "window"),
     _s("direct_read", "auto", _choice("auto", "on", "off"), "Same-node CPU subscribers copy straight from the publisher's tensors (moved once into shared memory) instead of through the slot ring; on = require it, off = always the ring.", "window"),
-    _s("doorbell", True, _bool, "Same-node subscribers of a ring take its buckets and ack them through a doorbell in shared memory (the coordinator still records every handle); off = every bucket through the coordinator only.", "window"),
+    _s("doorbell", True, _bool, "Same-node subscribers of a ring take its buckets and ack them through a doorbell in shared memory instead of the coordinator (which keeps versions, votes and liveness); off = every bucket through the coordinator.", "window"),
     # coordinator
     _s("coord_endpoint", None, _endpoint, "Coordinator endpoint(s), e.g. tcp://127.0.0.1:5555; unset = embedded in-process coordinator.", "coordinator"),
     _s("coord_backend", "memory", _choice("memory", "redis"), "Coordinator state backend.", "coordinator"),

@@ -7,8 +7,9 @@ Through the coordinator a ring bucket costs four requests and two long-poll wake
 publisher posts the handle, the subscriber's long poll returns it, the subscriber acks, the
 publisher's long poll returns the release; Python and ZeroMQ on every hop, and with the
 embedded coordinator all of it shares the publisher's GIL (1.2-3 ms per bucket measured).
-For subscribers on the publisher's node the bytes are already in shared memory, so the
-control can be too. Each publisher session creates one small region next to its ring:
+For subscribers on the publisher's node the bytes are already in shared (host or device)
+memory, so the control can be too. Each publisher session creates one small host region next
+to its ring (CPU or CUDA):
 
 - a **post record** per slot (seqlock: the sequence number is zeroed, the fields written,
   then the new sequence number stored; a reader checks it before and after): version,
@@ -19,16 +20,24 @@ control can be too. Each publisher session creates one small region next to its 
 - an **ack word** per slot and lane: the sequence number of the post that lane has verified;
 - two futex words, ``posted`` and ``acked``, bumped and woken by each post and each ack.
 
-The coordinator stays the authority: every handle is still posted to it first (so leases,
-re-sends, nacks, relays and the commit vote work exactly as before) and acked to it off the
-critical path. The doorbell only shortens the wait on both sides: a subscriber sleeps on
-``posted`` instead of long-polling (and polls the coordinator, without waiting, when nothing
-rang for a while), and the publisher frees a slot as soon as every lane the post was for has
-written its ack, without waiting for the coordinator's release (which, when it comes, finds
-the slot already free and is dropped). A post for a consumer without a lane (a remote node's
-relay, a subscriber that has not mapped the ring yet, 65 or more subscribers) is still rung
-for those that have one, but its slot comes back through the coordinator. Only verified
-buckets are acked here: a nack, a timeout or a death goes through the coordinator's release.
+A bucket that every consumer can take from the doorbell (all on this node, each with a
+lane, no relay) is posted only there, and answered only there: no coordinator request, no
+long-poll wake-up, no Python on the coordinator's side, for any bucket but the version's last
+(whose release through the coordinator still tells the publisher that the version committed:
+the last ack carries the last precommit). Everything else - a bucket for a remote node's
+relay, for a subscriber that has not mapped the ring yet (it claims its lane when it first
+does), for one of 65 or more - is posted to the coordinator as before (and rung too, for
+the consumers that have a lane, with a flag saying the coordinator has it: those ack it
+there). What the coordinator's handle records did for doorbell-only buckets the publisher
+does itself (``Publisher._doorbell_loop``): a nack (the ack word's high bit) re-sends the
+bucket; a consumer that died or refused the version stops holding a slot once the
+coordinator says so (asked when a post stays unanswered for DOORBELL_STUCK_S); one that
+stays silent past the lease (``handle_ttl``) gets the bucket again; when the version is
+decided, whatever is left is freed, as the coordinator releases a decided version's
+handles. A subscriber sleeps on ``posted`` while the version it receives is the one the
+publisher streams through its ring (``ring_version``), and asks the coordinator, without
+waiting, when nothing rang for DOORBELL_POLL_S (an abort, a handle only the coordinator
+has). Versions, votes, liveness and commit stay with the coordinator.
 
 The region is an anonymous memfd (Note [Shared-memory lifetime], csrc/core/shm.h): nothing
 is left behind when the processes go, however they go.
