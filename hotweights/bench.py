@@ -560,13 +560,15 @@ def serve_buffers(conn, name: str, endpoint: str, n: int, numel: int, device: st
 
 
 def pipeline_overhead(counts: Sequence[int] = (1, 2), buckets: int = 64, bucket_bytes: int = 4096,
-                      reps: int = 3, device: str = "cpu") -> dict[str, dict[str, float]]:
+                      reps: int = 3, device: str = "cpu",
+                      doorbell: bool = True) -> dict[str, dict[str, float]]:
     """The real pipeline's fixed cost per bucket (Publisher, embedded coordinator in this
     process, K spawned subscribers) measured with buckets of ``bucket_bytes`` (4 KiB: the
     copies cost nothing): through the ring, the latency of one bucket alone (window 1), the
     interval between buckets with the ring full (window 8), and the CPU seconds all processes
     spend per bucket; on the CPU the same for direct reads (``direct_*``: every bucket posted
-    at once; the latency from a one-bucket update).
+    at once; the latency from a one-bucket update). ``doorbell``: the ring's same-node
+    buckets through the doorbell (the default, Note [Doorbell]) or through the coordinator.
     """
     from . import config as _config
     from .coordinator import start_embedded
@@ -630,7 +632,7 @@ def pipeline_overhead(counts: Sequence[int] = (1, 2), buckets: int = 64, bucket_
                 passes.append((8, "direct_interval_s", "on"))
             for w, key, direct in passes:
                 cfg = _config.load({}, bucket_mb=1, ipc_adapt=False, ipc_inflight_buckets=w,
-                                   ipc_max_inflight=8)
+                                   ipc_max_inflight=8, doorbell=doorbell)
                 pub = Publisher(src, name=name, endpoint=coord.endpoint, bucket_bytes=bucket_bytes,
                                 serve_late=False, config=cfg, direct=direct)
                 try:

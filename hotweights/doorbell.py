@@ -35,9 +35,9 @@ coordinator says so (asked when a post stays unanswered for DOORBELL_STUCK_S); o
 stays silent past the lease (``handle_ttl``) gets the bucket again; when the version is
 decided, whatever is left is freed, as the coordinator releases a decided version's
 handles. A subscriber sleeps on ``posted`` while the version it receives is the one the
-publisher streams through its ring (``ring_version``), and asks the coordinator, without
-waiting, when nothing rang for DOORBELL_POLL_S (an abort, a handle only the coordinator
-has). Versions, votes, liveness and commit stay with the coordinator.
+publisher streams (or, announced before the version existed, is about to stream) through
+its ring (``ring_version``, ``ring_next``), and asks the coordinator, without waiting, when
+nothing rang for DOORBELL_POLL_S (an abort, a handle only the coordinator has). Versions, votes, liveness and commit stay with the coordinator.
 
 The region is an anonymous memfd (Note [Shared-memory lifetime], csrc/core/shm.h): nothing
 is left behind when the processes go, however they go.
@@ -60,7 +60,7 @@ _HANDLE_MAGIC = "hotweights.doorbell"
 LANES = 64  # the post record's lane mask is one u64
 
 # header words (byte offsets)
-_H_MAGIC, _H_SLOTS, _H_LANES, _H_RING_VERSION, _H_SEQ = 0, 8, 16, 24, 32
+_H_MAGIC, _H_SLOTS, _H_LANES, _H_RING_VERSION, _H_SEQ, _H_RING_NEXT = 0, 8, 16, 24, 32, 40
 _H_POSTED, _H_ACKED = 64, 128  # u32 futex words, each on its own cache line
 _HEADER = 256
 _LANE = 64      # pid u64, ready u64, id hash 16 bytes
@@ -166,10 +166,22 @@ class Doorbell:
         """The version the publisher streams through its ring now (0: none)."""
         return self._r.load64(_H_RING_VERSION)
 
+    def ring_next(self) -> bool:
+        """Whether the publisher's newest publish streams through its ring (set before the
+        version exists: a subscriber that sees the version event sees this too)."""
+        return self._r.load64(_H_RING_NEXT) == 1
+
     # ------------------------------------------------------------------ publisher
 
+    def announce(self, ring: bool) -> None:
+        """Before a publish: whether the version about to be made streams through the ring."""
+        self._r.store64(_H_RING_NEXT, 1 if ring else 0)
+
     def set_ring_version(self, version: int) -> None:
+        """The version now streaming through the ring; wakes the subscribers waiting for it."""
         self._r.store64(_H_RING_VERSION, int(version))
+        self._r.add32(_H_POSTED, 1)
+        self._r.wake32(_H_POSTED)
 
     def next_seq(self) -> int:
         """A new post's sequence number (never 0); taken before the handle goes to the

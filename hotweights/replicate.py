@@ -467,6 +467,8 @@ class Publisher:
                  else [])
         with self._cv:
             self._transfer = xfer
+        if self.doorbell is not None:  # seen by any subscriber that sees the version event
+            self.doorbell.announce(ring=layout is None)
         try:
             version = self.client.publish(
                 self.client_id, self.name, manifest.to_bytes(), label=label,
@@ -1678,12 +1680,15 @@ class Subscriber:
         whether the doorbell is in use for this version (if not, the coordinator is
         long-polled instead)."""
         db = self._doorbells.get(owner)
-        if db is None or db.ring_version() != version:
+        if db is None:
             return [], False
+        rv = db.ring_version()
+        if rv != version and not (rv < version and db.ring_next()):
+            return [], False  # a direct version (or one decided long ago)
         end = time.perf_counter() + DOORBELL_POLL_S
         while not self._closed:
             seen = db.posted_count()
-            recs = db.take(version, answered)
+            recs = db.take(version, answered) if db.ring_version() == version else []
             if recs:
                 self.stats["doorbell_takes"] += len(recs)
                 return [{"handle_id": r["handle_id"], "owner": owner,

@@ -67,6 +67,14 @@ def test_a_post_wakes_a_waiter_in_another_process():
         _post(db, 0, db.next_seq())
         kind, woken, count = q.get(timeout=60)
     assert kind == "woken" and woken and count == 1
+    # a publish is announced before its version exists, and the version rings when it starts
+    assert not db.ring_next() and db.ring_version() == 0
+    db.announce(ring=True)
+    db.set_ring_version(7)
+    assert db.ring_next() and db.ring_version() == 7 and db.posted_count() == 2
+    db.announce(ring=False)
+    assert not db.ring_next() and db.ring_version() == 7
+    db.close()
 
 
 # --------------------------------------------------------------------------- records
