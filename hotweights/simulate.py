@@ -38,9 +38,11 @@ Note [Update model]: the pipeline as built (hotweights/replicate.py, Note [One u
       memory, ``(1 + K) B / shared_device_Bps``;
     - CPU machines: publisher, subscribers and their control work share the cores and the
       memory bandwidth, and on a saturated CPU they do not overlap:
-      ``I0 + (1 + K) B / parallel_copy_Bps[1 + K]`` (the zero-byte interval, a wall time that
-      already reflects the cores the processes really got, plus the copies at the aggregate
-      rate that 1 + K processes copying at once reach, measured).
+      ``I0 + (1 + K) B / agg`` (the zero-byte interval, a wall time that already reflects
+      the cores the processes really got, plus the copies at the aggregate rate ``agg`` that
+      1 + K processes copying at once reach: ``parallel_copy_Bps`` measured with single-
+      threaded copiers, taken at (1 + K) x ``copy_threads`` (each process's copy engine,
+      default 2) and at most (1 + K) x scatter', so one process alone still uses every core).
   The slowest of these sets the interval; the window W (fixed, or the adaptive controller's
   steady state ``ceil(T_b / interval) + 1`` within its bounds and the ring's slots) caps it at
   ``T_b / W``. Streaming takes ``T_b + (N - 1) * interval``: the first bucket's latency fills
@@ -76,12 +78,14 @@ _ANCHORS = "weight-sync-anchors.md §5"
 _BENCH = "docs/BENCHMARKS.md (Machine A, 2-vCPU AMD EPYC VM)"
 
 # The pipeline's fixed cost per bucket (control plane and Python, no bytes), measured on
-# Machine A only (median of the day's 8 hotweights.bench runs; their spread is in
-# docs/BENCHMARKS.md). A GPU host's faster and more numerous cores make it pessimistic there.
-_OV = {"latency": (3.3e-3, 4.5e-3), "interval": (2.3e-3, 2.9e-3), "cpu": (2.45e-3, 3.68e-3),
-       "cpu_publisher": (2.22e-3, 2.12e-3)}
-_OV_SRC = (f"{_BENCH}, hotweights.bench pipeline overhead (real pipeline, 4 KiB buckets, K=1 "
-           "and K=2 subscribers, median of 8 runs; linear in K beyond)")
+# Machine A only: the ring with its same-node doorbell (Note [Doorbell]; median of 3
+# hotweights.bench runs in session 7; the coordinator-only path measured 2.3 / 2.9 ms
+# interval, median of 8 runs in session 1; spreads in docs/BENCHMARKS.md). A GPU host's
+# faster and more numerous cores make it pessimistic there.
+_OV = {"latency": (0.94e-3, 1.1e-3), "interval": (0.56e-3, 0.66e-3), "cpu": (0.87e-3, 1.27e-3),
+       "cpu_publisher": (0.52e-3, 0.57e-3)}
+_OV_SRC = (f"{_BENCH}, hotweights.bench pipeline overhead (real pipeline through the doorbell, "
+           "4 KiB buckets, K=1 and K=2 subscribers, median of 3 runs; linear in K beyond)")
 
 # Per-GPU numbers shared by both 8-GPU tables (H100 SXM class).
 _H100 = {
@@ -311,7 +315,15 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
     if table.get("shared_device_Bps"):  # one GPU holds the ring and every subscriber
         res["device"] = (1 + k) * b_eff / float(table["shared_device_Bps"])
     if table.get("kind") == "cpu":
-        agg, note = _agg(table.get("parallel_copy_Bps"), copiers)
+        # parallel_copy_Bps is indexed by single-threaded copiers; each process's copy engine
+        # runs copy_threads workers (HOTWEIGHTS_IPC_COPY_STREAMS), so fewer processes than
+        # cores still use every core, each process at most at its own measured rate (calibrated:
+        # one direct subscriber copied 64 MiB buckets at its scatter rate, 18 GB/s, not at one
+        # thread's 10.5: the model said +26-33%)
+        threads = copiers * int(table.get("copy_threads") or 2)
+        agg, note = _agg(table.get("parallel_copy_Bps"), threads)
+        if agg is not None:
+            agg, note = min(agg, copiers * s_bps), ""
         if agg is None:
             agg = g_bps * min(cores, copiers)
             notes.append("cpu: no parallel_copy_Bps in the table: copies assumed to scale with cores")
