@@ -1059,7 +1059,10 @@ def link_table(res: dict, path: str | None = None) -> dict:
                 put(f"{stage}_fixed_s", min(pts), f"{path}: fastest {stage} at window 1")
     if not gpu:
         put("parallel_copy_Bps", dict(res.get("parallel_copy_Bps") or {}) or None,
-            "aggregate gather+hash rate of k processes copying at once")
+            "aggregate gather+hash rate of k single-threaded processes copying at once")
+        from . import config as _config
+        put("copy_threads", _config.get().ipc_copy_streams,
+            "copy-engine threads per process (HOTWEIGHTS_IPC_COPY_STREAMS)")
     elif res["ceilings_s"].get("same_device"):
         # every copy of a same-GPU update (the publisher's gather, each subscriber's scatter)
         # shares one device's memory bandwidth

@@ -185,7 +185,8 @@ def _agg(par: Mapping[str, float] | None, k: int) -> tuple[float | None, str]:
         return None, ""
     counts = sorted(int(x) for x in par)
     use = max([c for c in counts if c <= k] or [counts[0]])
-    note = "" if use == k else f" (measured up to {use} processes; {k} assumed saturated at it)"
+    note = "" if use == k else (f" (measured up to {use} single-threaded copiers; {k} assumed "
+                                "saturated at it)")
     return float(par[str(use)]), note
 
 
@@ -323,7 +324,7 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
         threads = copiers * int(table.get("copy_threads") or 2)
         agg, note = _agg(table.get("parallel_copy_Bps"), threads)
         if agg is not None:
-            agg, note = min(agg, copiers * s_bps), ""
+            agg = min(agg, copiers * s_bps)
         if agg is None:
             agg = g_bps * min(cores, copiers)
             notes.append("cpu: no parallel_copy_Bps in the table: copies assumed to scale with cores")

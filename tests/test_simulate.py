@@ -62,7 +62,9 @@ def test_cpu_tables_share_the_cores():
     assert p.per_bucket["resource_cpu_s"] == pytest.approx(2e9 / 1.5e9 + 0.004 / 2)
     assert p.bottleneck == "cpu"
     p = sim.simulate(t, 4e9, int(1e9), subscribers=2, tensors=1)
-    assert any("measured up to 2 processes; 3 assumed saturated" in n for n in p.notes)
+    # 3 processes x 2 copy-engine threads each
+    assert any("measured up to 2 single-threaded copiers; 6 assumed saturated" in n
+               for n in p.notes)
     assert any("bucket0_latency_s: measured for K=1 only" in n for n in p.notes)
 
 
@@ -188,3 +190,19 @@ def test_process_cpu_seconds_bound_cpu_tables_only():
                      subscribers=1, tensors=1)
     assert c.per_bucket["resource_publisher process_s"] == pytest.approx(0.005 + 1e-6)
     assert c.bottleneck == "publisher process"
+
+
+def test_one_process_alone_copies_with_every_core():
+    """parallel_copy_Bps is measured with single-threaded copiers, but each process's copy
+    engine runs 2 threads: one direct subscriber on 2 cores copies at the 2-copier aggregate,
+    capped by its own scatter rate (it was modelled at one thread's rate: +26-33% on Machine A)."""
+    t = toy(kind="cpu", cores=2, scatter_Bps=1.5e9, parallel_copy_Bps={"1": 1e9, "2": 1.8e9},
+            bucket0_direct_latency_s={"1": 0.004}, bucket0_direct_interval_s={"1": 0.001})
+    p = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=4, direct=True)
+    assert p.per_bucket["resource_cpu_s"] == pytest.approx(1e9 / 1.5e9)
+    t["scatter_Bps"] = 3e9  # a faster engine: the cores' aggregate is the limit
+    p = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=4, direct=True)
+    assert p.per_bucket["resource_cpu_s"] == pytest.approx(1e9 / 1.8e9)
+    t["copy_threads"] = 1  # HOTWEIGHTS_IPC_COPY_STREAMS=1: one thread's rate
+    p = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=4, direct=True)
+    assert p.per_bucket["resource_cpu_s"] == pytest.approx(1e9 / 1e9)
