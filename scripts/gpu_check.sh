@@ -57,7 +57,7 @@ cat "$W/env.txt"
 grep -m1 -E "H100|H200|A100|GPU" "$W/env.txt" >> "$W/summary.txt" || true
 
 STEPS=" ${GPU_CHECK_STEPS:-build pytest bench topo} "
-BENCH=" ${GPU_CHECK_BENCH:-bench_replicate bench_paths bench_simulate bench_copy bench_kv bench_storage} "
+BENCH=" ${GPU_CHECK_BENCH:-bench_replicate bench_doorbell bench_paths bench_simulate bench_copy bench_kv bench_storage} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 GPU_CHECK_PROFILE=("--bucket-mib 64 --tensors 200 --tensor-mib 5.12"
                    "--bucket-mib 256 --tensors 200 --tensor-mib 5.12"
@@ -127,6 +127,9 @@ run_bench() {  # name, then the command
 }
 # #6's CUDA goals first, then the path table the simulator needs, then its calibration
 run_bench bench_replicate $PY benchmarks/bench_replicate.py --device cuda   # the 8 GiB model
+# the ring's per-bucket control through the doorbell vs the coordinator (same run)
+run_bench bench_doorbell $PY benchmarks/bench_doorbell.py --device cuda --mib 1024 \
+  --bucket-mib 16 64 256 --reps 3
 run_bench bench_paths $PY benchmarks/bench_paths.py --device cuda --quick \
   --paths h2d_pinned,d2h_pinned,same_device,ipc_same_gpu
 if [ -f "$W/bench_paths.json" ]; then
