@@ -16,7 +16,7 @@ to its ring (CPU or CUDA):
   bucket, attempt, bytes used, digest, handle id, and the mask of the lanes it is for;
 - a **lane** per same-node subscriber (64 at most), claimed with a compare-and-swap of the
   subscriber's pid, named by a hash of its client id, given back on close (the lane of a
-  process that died is taken over by the next claimant);
+  process that died is taken over when no lane is free);
 - an **ack word** per slot and lane: the sequence number of the post that lane has verified;
 - two futex words, ``posted`` and ``acked``, bumped and woken by each post and each ack.
 
@@ -136,9 +136,11 @@ class Doorbell:
             region = _C.ShmRegion.import_handle(info["raw"])
         except ValueError as e:
             raise DoorbellError(str(e)) from None
-        if region.load64(_H_MAGIC) != _MAGIC or region.load64(_H_SLOTS) != info["slots"] \
-                or region.load64(_H_LANES) != LANES:
-            raise DoorbellError("doorbell region's header does not match its handle")
+        got = (region.load64(_H_MAGIC), region.load64(_H_SLOTS), region.load64(_H_LANES))
+        if got != (_MAGIC, info["slots"], LANES):
+            raise DoorbellError(f"doorbell region's header (magic {got[0]:#x}, {got[1]} slots, "
+                                f"{got[2]} lanes) does not match its handle (magic {_MAGIC:#x}, "
+                                f"{info['slots']} slots, {LANES} lanes)")
         return cls(region, info["slots"], owner=False)
 
     def handle(self) -> bytes:
@@ -180,6 +182,11 @@ class Doorbell:
     def set_ring_version(self, version: int) -> None:
         """The version now streaming through the ring; wakes the subscribers waiting for it."""
         self._r.store64(_H_RING_VERSION, int(version))
+        self.ring()
+
+    def ring(self) -> None:
+        """Wakes the subscribers waiting on ``posted`` (a version was decided: they go and ask
+        the coordinator)."""
         self._r.add32(_H_POSTED, 1)
         self._r.wake32(_H_POSTED)
 
@@ -216,6 +223,13 @@ class Doorbell:
         self._r.store64(self._records_at + slot * _RECORD, seq)
         self._r.add32(_H_POSTED, 1)
         self._r.wake32(_H_POSTED)
+
+    def clear(self, slot: int, seq: int) -> None:
+        """Withdraws post ``seq`` of ``slot`` (settled: the slot is about to be reused), so a
+        late taker does not read a slot being refilled."""
+        off = self._records_at + slot * _RECORD
+        if self._r.load64(off) == seq:
+            self._r.store64(off, 0)
 
     def answers(self, slot: int, lanes: np.ndarray) -> np.ndarray:
         """The ack words of ``lanes`` for ``slot``: a post's seq (verified), seq | NACK
@@ -275,8 +289,9 @@ class Doorbell:
             hid = self._hids[s].tobytes().hex()
             if self._r.load64(self._records_at + s * _RECORD) != seq:
                 continue  # rewritten while read
-            if fields[_R_VERSION] != version or hid in skip:
-                continue
+            if (fields[_R_VERSION] != version or not int(fields[_R_MASK]) & int(bit)
+                    or hid in skip):
+                continue  # (rewritten for another version or lane between scan and copy)
             out.append({"seq": seq, "slot": int(fields[_R_SLOT]), "bucket": int(fields[_R_BUCKET]),
                         "attempt": int(fields[_R_ATTEMPT]), "used": int(fields[_R_USED]),
                         "digest": int(fields[_R_DIGEST]), "handle_id": hid,

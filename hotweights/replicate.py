@@ -119,6 +119,8 @@ READ_AHEAD = 8
 # a subscriber waiting on a doorbell asks the coordinator (without waiting) when nothing rang
 # for this long: handles that only it has (posted before the lane was claimed, relays)
 DOORBELL_POLL_S = 0.05
+# ... and about the version's state (aborted? timed out?) at most this often
+DOORBELL_STATE_S = 0.25
 # a publisher asks the coordinator about consumers of doorbell-only buckets left unanswered
 # this long (dead or refusing ones must not hold a slot)
 DOORBELL_STUCK_S = 1.0
@@ -337,12 +339,13 @@ class Publisher:
         # hashed, before it is announced (tests corrupt or delay slots through it).
         self.after_gather: Callable[[int, torch.Tensor, int], None] | None = None
         self.stats = {"versions": 0, "bytes": 0, "buckets": 0, "retries": 0, "expired": 0,
-                      "relayed_bytes": 0, "direct_buckets": 0, "doorbell_acks": 0}
+                      "relayed_bytes": 0, "direct_buckets": 0, "doorbell_acks": 0,
+                      "doorbell_errors": 0}
         self._routes: dict[str, dict] = {}  # subscriber id -> {"node", "leader", "peer"}
         self._released_after = 0
         # slots whose posts every consumer can ack through the doorbell: handle id ->
         # (slot, seq, lanes); freed by _doorbell_loop as soon as those lanes acked
-        self._rung: dict[str, tuple[int, int, np.ndarray]] = {}
+        self._rung: dict[str, _Rung] = {}
         self._releaser = threading.Thread(target=self._release_loop, name=f"hw-pub-{name}",
                                           daemon=True)
         self._releaser.start()
@@ -936,7 +939,9 @@ class Publisher:
         with self._cv:
             done = [(rel, self._inflight.pop(rel["handle_id"], None)) for rel in released]
             for rel in released:
-                self._rung.pop(rel["handle_id"], None)
+                e = self._rung.pop(rel["handle_id"], None)
+                if e is not None:  # withdrawn before its slot can be refilled
+                    self.doorbell.clear(e.slot, e.seq)
                 xfer = self._transfer
                 if (rel.get("version_state") == "committed" and xfer is not None
                         and xfer.version == rel["version"]):
@@ -991,47 +996,56 @@ class Publisher:
         gone: dict[int, set[str]] = {}  # by version: consumers known not to answer any more
         try:
             while not self._closed:
-                seen = db.acked_count()
-                with self._cv:
-                    rung = list(self._rung.items())
-                now = time.perf_counter()
-                done, fresh = [], False
-                for hid, e in rung:
-                    words = db.answers(e.slot, e.lanes)
-                    ok, bad = words == e.seq, words == (e.seq | NACK)
-                    waiting = ~(ok | bad)
-                    if waiting.any() and e.version in gone:
-                        waiting &= ~np.isin(np.array(e.cids), list(gone[e.version]))
-                    if waiting.any():
-                        if now - e.t_post < DOORBELL_STUCK_S:
-                            continue
-                        if not fresh and now - asked > DOORBELL_STUCK_S / 2:
-                            asked, fresh = now, True
-                            news = self._gone_consumers({x.version for _, x in rung})
-                            if news is not None:
-                                gone = news  # (versions no longer in flight drop out)
-                        if e.version not in gone:
-                            continue
-                        waiting &= ~np.isin(np.array(e.cids), list(gone[e.version]))
-                        if waiting.any():
-                            if now - e.t_post > self.cfg.handle_ttl:
-                                done.append({"handle_id": hid, "reason": "expired",
-                                             "version": e.version, "errors": {},
-                                             "missing": [e.cids[i] for i in np.flatnonzero(waiting)]})
-                            continue
-                    errors = {e.cids[i]: f"checksum mismatch in bucket {e.bucket} (reported "
-                                         "through the doorbell)" for i in np.flatnonzero(bad)}
-                    done.append({"handle_id": hid, "reason": "nacked" if errors else "acked",
-                                 "version": e.version, "errors": errors, "missing": []})
-                if done:
-                    self.stats["doorbell_acks"] += sum(d["reason"] == "acked" for d in done)
-                    self._settle(done, time.perf_counter())
-                else:
-                    db.wait_acked(seen, 0.1 if rung else 0.5)
-        except Exception:  # the coordinator path still settles what it posted
-            log.exception("publisher %s: doorbell loop failed", self.name)
+                try:
+                    asked = self._doorbell_pass(db, asked, gone)
+                except Exception:  # one pass failed: logged, the next one retries
+                    self.stats["doorbell_errors"] += 1
+                    log.exception("publisher %s: doorbell pass failed", self.name)
+                    time.sleep(0.05)
         finally:
             self.client.release_thread()
+
+    def _doorbell_pass(self, db: Doorbell, asked: float, gone: dict[int, set[str]]) -> float:
+        """One look at the doorbell's answers (see _doorbell_loop); returns when the
+        coordinator was last asked about silent consumers."""
+        seen = db.acked_count()
+        with self._cv:
+            rung = list(self._rung.items())
+        now = time.perf_counter()
+        done, fresh = [], False
+        for hid, e in rung:
+            words = db.answers(e.slot, e.lanes)
+            ok, bad = words == e.seq, words == (e.seq | NACK)
+            waiting = ~(ok | bad)
+            if waiting.any() and e.version in gone:
+                waiting &= ~np.isin(np.array(e.cids), list(gone[e.version]))
+            if waiting.any():
+                if now - e.t_post < DOORBELL_STUCK_S:
+                    continue
+                if not fresh and now - asked > DOORBELL_STUCK_S / 2:
+                    asked, fresh = now, True
+                    news = self._gone_consumers({x.version for _, x in rung})
+                    if news is not None:  # (versions no longer in flight drop out)
+                        gone.clear()
+                        gone.update(news)
+                if e.version in gone:
+                    waiting &= ~np.isin(np.array(e.cids), list(gone[e.version]))
+                if waiting.any():  # (the lease runs out even when liveness is unknown)
+                    if now - e.t_post > self.cfg.handle_ttl:
+                        done.append({"handle_id": hid, "reason": "expired",
+                                     "version": e.version, "errors": {},
+                                     "missing": [e.cids[i] for i in np.flatnonzero(waiting)]})
+                    continue
+            errors = {e.cids[i]: f"checksum mismatch in bucket {e.bucket} (reported "
+                                 "through the doorbell)" for i in np.flatnonzero(bad)}
+            done.append({"handle_id": hid, "reason": "nacked" if errors else "acked",
+                         "version": e.version, "errors": errors, "missing": []})
+        if done:
+            self.stats["doorbell_acks"] += sum(d["reason"] == "acked" for d in done)
+            self._settle(done, time.perf_counter())
+        else:
+            db.wait_acked(seen, 0.1 if rung else 0.5)
+        return asked
 
     def _gone_consumers(self, versions: set[int]) -> dict[int, set[str]] | None:
         """For each version: its consumers that will not answer any more (dead, gone, or
@@ -1048,15 +1062,21 @@ class Publisher:
             return None
 
     def _settle_rung(self, xfer: "_Transfer", state: str) -> None:
-        """At the end of a version: its doorbell-only buckets still unanswered free their
-        slots (committed: whoever did not answer left the quorum; aborted: nobody needs
-        them), as the coordinator releases its handles of a decided version."""
-        with self._cv:
-            left = [hid for hid, e in self._rung.items() if e.version == xfer.version]
-        if left:
-            reason = "acked" if state == "committed" else "aborted"
-            self._settle([{"handle_id": hid, "reason": reason, "version": xfer.version,
-                           "errors": {}, "missing": []} for hid in left], time.perf_counter())
+        """At the end of a version, as the coordinator does with its handles: an aborted
+        version's doorbell-only buckets still unanswered free their slots (nobody needs
+        them); a committed version's stay until answered, given up on or past their lease
+        (a subscriber outside a quorum smaller than "all" may still be reading). Either way
+        the subscribers waiting on the doorbell are woken to ask the coordinator."""
+        if self.doorbell is None:
+            return
+        if state != "committed":
+            with self._cv:
+                left = [hid for hid, e in self._rung.items() if e.version == xfer.version]
+            if left:
+                self._settle([{"handle_id": hid, "reason": "aborted", "version": xfer.version,
+                               "errors": {}, "missing": []} for hid in left],
+                             time.perf_counter())
+        self.doorbell.ring()
 
     def _is_leader(self, cid: str) -> bool:
         return any(r.get("leader") == cid for r in self._routes.values())
@@ -1453,6 +1473,7 @@ class Subscriber:
         pending = [h for h in first if self.client_id in h.get("consumers", ())]
         answered: set[str] = set()  # handles acked (maybe still on the way): not twice
         precommitted, t_recv = None, None
+        polled, checked = 0.0, time.perf_counter()  # the coordinator asked for handles, state
         # after the precommit, the rest of the batch is still answered (relays for the
         # node's other subscribers, re-sends of buckets held)
         while not self._closed and (todo or precommitted is None or pending):
@@ -1461,9 +1482,10 @@ class Subscriber:
                     self._fail(version, f"timed out with {len(todo)} bucket(s) missing")
                     return None
                 # a ring's same-node buckets ring a doorbell (Note [Doorbell]); the
-                # coordinator is still asked, without waiting, when nothing rang for a while
+                # coordinator is still asked, without waiting, every DOORBELL_POLL_S (a
+                # handle only it has: posted before our lane was claimed, a relay)
                 pending, rung = self._rung_handles(version, info.get("publisher"), answered)
-                if pending:
+                if pending and time.perf_counter() - polled < DOORBELL_POLL_S:
                     continue
                 try:
                     r = self.client.get_handles(self.client_id, self.name, version, after=after,
@@ -1471,9 +1493,15 @@ class Subscriber:
                 except CoordinatorError as e:
                     self._fail(version, f"get_handles failed: {e}", reject=False)
                     return None
+                polled = time.perf_counter()
                 after = r["last"]
-                pending = [h for h in r["handles"] if h["handle_id"] not in answered]
+                have = {h["handle_id"] for h in pending}
+                pending += [h for h in r["handles"]
+                            if h["handle_id"] not in answered and h["handle_id"] not in have]
                 if not pending and not r["handles"]:
+                    if rung and polled - checked < DOORBELL_STATE_S:
+                        continue  # (the doorbell wakes us when the publisher decides)
+                    checked = polled
                     st = self.client.version(self.name, version)["state"]
                     if st != "transferring":
                         log.info("subscriber %s: version %d %s while receiving", self.name,
@@ -1683,12 +1711,16 @@ class Subscriber:
         if db is None:
             return [], False
         rv = db.ring_version()
-        if rv != version and not (rv < version and db.ring_next()):
-            return [], False  # a direct version (or one decided long ago)
+        # streaming now, or announced before the version existed; else a direct version, or
+        # one the publisher has moved on from (its posts stay readable until their slots
+        # are refilled: a subscriber outside a smaller quorum may still take them)
+        streaming = rv == version or (rv < version and db.ring_next())
         end = time.perf_counter() + DOORBELL_POLL_S
         while not self._closed:
             seen = db.posted_count()
-            recs = db.take(version, answered) if db.ring_version() == version else []
+            recs = db.take(version, answered)
+            if not recs and not streaming:
+                return [], False
             if recs:
                 self.stats["doorbell_takes"] += len(recs)
                 return [{"handle_id": r["handle_id"], "owner": owner,

@@ -148,6 +148,42 @@ def test_take_skips_records_being_written_other_versions_and_taken_handles():
     db.close()
 
 
+class _Racy:
+    """A region whose first load64 comes after the publisher rewrote slot 0 for another lane
+    (between a subscriber's unlocked scan and its seqlock read)."""
+
+    def __init__(self, region, rewrite):
+        self._region, self._rewrite, self._n = region, rewrite, 0
+
+    def load64(self, off):
+        self._n += 1
+        if self._n == 1:
+            self._rewrite()
+        return self._region.load64(off)
+
+    def __getattr__(self, name):
+        return getattr(self._region, name)
+
+
+def test_take_rechecks_the_lane_after_its_seqlock_read():
+    db = Doorbell.create(1)
+    sub = Doorbell.open(db.handle())
+    assert sub.claim("me") == 0
+    _post(db, 0, 5, mask=0b01)
+    sub._r = _Racy(sub._r, lambda: _post(db, 0, 6, mask=0b10))  # now for lane 1 only
+    assert sub.take(3, set()) == []
+    sub._r = sub._r._region
+    assert sub.take(3, set()) == []  # (and on the next look too)
+    _post(db, 0, 7, mask=0b11)
+    assert [r["seq"] for r in sub.take(3, set())] == [7]
+    db.clear(0, 6)  # a settled post is withdrawn only if it is still the slot's record
+    assert [r["seq"] for r in sub.take(3, set())] == [7]
+    db.clear(0, 7)
+    assert sub.take(3, set()) == []
+    sub.close()
+    db.close()
+
+
 def _claim_and_die(i, handle, q):
     db = Doorbell.open(handle)
     q.put(("lane", db.claim("doomed")))
@@ -252,8 +288,65 @@ def test_ring_updates_through_the_doorbell_match_the_coordinator_path(fast, bell
             assert pub.doorbell is None and pub.stats["doorbell_acks"] == 0
             assert h._sub.stats["doorbell_takes"] == 0
         assert sorted(pub._free) == list(range(pub.slots)) and not pub._rung
+        # a new publisher session: a new ring and doorbell, a new lane in it
+        pub.close()
+        pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
+                                   slots=3, direct="off", serve_late=False)
+        takes = h._sub.stats["doorbell_takes"]
+        for i in range(2):
+            with torch.no_grad():
+                for p in src.parameters():
+                    p.add_(1.0)
+            r = pub.publish(f"session 2 v{i}", timeout=60)
+            h.wait(r.version, timeout=60)
+            assert _same(src, dst)
+        if bell == "1":
+            assert h._sub.stats["doorbell_takes"] - takes >= r.buckets - 1
+            assert len(h._sub._doorbells) == 1  # the closed session's doorbell was dropped
     finally:
         h.close()
         pub.close()
     gc.collect()
     assert hotweights_fds() == []  # ring and doorbell memfds are gone
+
+
+def test_a_silent_lane_expires_and_the_bucket_is_sent_again(fast):
+    """A subscriber that takes a bucket through the doorbell and stays silent past the lease
+    (HOTWEIGHTS_HANDLE_TTL=3) gets it again, as the coordinator's lease did; a failure inside
+    the publisher's doorbell thread is logged and the next pass goes on."""
+    endpoint, _ = fast
+    src, dst = _model(3), _model(4)
+    pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
+                               slots=3, direct="off", serve_late=False)
+    h = dst.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
+    try:
+        r = pub.publish("v1", timeout=60)  # maps the ring, claims the lane
+        h.wait(r.version, timeout=60)
+        answers, broke = pub.doorbell.answers, []
+
+        def fails_once(*a):
+            if not broke:
+                broke.append(1)
+                raise RuntimeError("injected")
+            return answers(*a)
+
+        pub.doorbell.answers = fails_once
+        slept = []
+
+        def stall(b):
+            if b == 2 and not slept:
+                slept.append(b)
+                time.sleep(4.5)
+
+        h._sub.before_scatter = stall
+        with torch.no_grad():
+            for p in src.parameters():
+                p.add_(1.0)
+        r = pub.publish("v2", timeout=60)
+        h.wait(r.version, timeout=60)
+        assert r.state == "committed" and _same(src, dst)
+        assert pub.stats["expired"] >= 1 and r.retries >= 1
+        assert pub.stats["doorbell_errors"] == 1 and broke
+    finally:
+        h.close()
+        pub.close()
