@@ -32,12 +32,17 @@ there). What the coordinator's handle records did for doorbell-only buckets the 
 does itself (``Publisher._doorbell_loop``): a nack (the ack word's high bit) re-sends the
 bucket; a consumer that died or refused the version stops holding a slot once the
 coordinator says so (asked when a post stays unanswered for DOORBELL_STUCK_S); one that
-stays silent past the lease (``handle_ttl``) gets the bucket again; when the version is
-decided, whatever is left is freed, as the coordinator releases a decided version's
-handles. A subscriber sleeps on ``posted`` while the version it receives is the one the
+stays silent past the lease (``handle_ttl``) gets the bucket again; when the version
+aborts, whatever is left is freed, and a committed version's posts stay until answered,
+given up on or expired (a subscriber outside a quorum smaller than "all" may still read
+them), as the coordinator does with its handles. A failing pass of that thread is logged and
+the next one goes on. A settled post is withdrawn (its sequence number zeroed) before its
+slot can be refilled. A subscriber sleeps on ``posted`` while the version it receives is the one the
 publisher streams (or, announced before the version existed, is about to stream) through
-its ring (``ring_version``, ``ring_next``), and asks the coordinator, without waiting, when
-nothing rang for DOORBELL_POLL_S (an abort, a handle only the coordinator has). Versions, votes, liveness and commit stay with the coordinator.
+its ring (``ring_version``, ``ring_next``); it asks the coordinator for handles, without
+waiting, every DOORBELL_POLL_S (a handle only the coordinator has: posted before its lane was
+claimed, say), and about the version's state every DOORBELL_STATE_S when nothing comes (the
+publisher also rings when a version is decided). Versions, votes, liveness and commit stay with the coordinator.
 
 The region is an anonymous memfd (Note [Shared-memory lifetime], csrc/core/shm.h): nothing
 is left behind when the processes go, however they go.
