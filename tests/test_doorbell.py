@@ -7,9 +7,11 @@ import gc
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 
@@ -347,6 +349,107 @@ def test_a_silent_lane_expires_and_the_bucket_is_sent_again(fast):
         assert r.state == "committed" and _same(src, dst)
         assert pub.stats["expired"] >= 1 and r.retries >= 1
         assert pub.stats["doorbell_errors"] == 1 and broke
+    finally:
+        h.close()
+        pub.close()
+
+
+def test_a_late_voter_outside_a_smaller_quorum_still_reads_its_posts(fast):
+    """quorum=1: the version commits when the fast subscriber precommits, while the slow one
+    still holds back its second-to-last bucket; the slow one then finishes the committed
+    version from the doorbell (a late vote) and applies it too."""
+    endpoint, _ = fast
+    src, fast_m, slow_m = _model(5), _model(6), _model(7)
+    pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
+                               slots=8, direct="off", serve_late=False, quorum=1)
+    hf = fast_m.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
+    hs = slow_m.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
+    try:
+        r = pub.publish("v1", timeout=60)  # both map the ring and claim lanes
+        hf.wait(r.version, timeout=60)
+        hs.wait(r.version, timeout=60)
+        stalled, released = [], threading.Event()
+
+        def stall(b):
+            if b == r.buckets - 2 and not stalled:
+                stalled.append(b)
+                released.wait(30)
+
+        hs._sub.before_scatter = stall
+        with torch.no_grad():
+            for p in src.parameters():
+                p.add_(1.0)
+        r2 = pub.publish("v2", timeout=60)  # committed by the fast one alone
+        assert r2.state == "committed" and stalled and hs.version == r.version
+        assert pub._rung  # the slow one's post is still held for it
+        released.set()
+        hf.wait(r2.version, timeout=60)
+        hs.wait(r2.version, timeout=60)
+        assert _same(src, fast_m) and _same(src, slow_m)
+        assert hs._sub.stats["versions"] == 2 and not hs._sub.errors
+        end = time.monotonic() + 30  # its answer frees the last slot
+        while (pub._rung or len(pub._free) != pub.slots) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not pub._rung and sorted(pub._free) == list(range(pub.slots))
+    finally:
+        released.set()
+        hs.close()
+        hf.close()
+        pub.close()
+
+
+def test_a_decided_versions_leftover_posts(fast):
+    """What the end of a version does with doorbell-only posts nobody answered yet: kept
+    when it committed (answered, given up on or expired later, as the coordinator keeps its
+    handles), freed and withdrawn when it aborted."""
+    from hotweights.replicate import _Rung, _Transfer
+
+    endpoint, _ = fast
+    pub = hotweights.Publisher(_model(10), name="bell", endpoint=endpoint, bucket_bytes=4096,
+                               slots=2, direct="off", serve_late=False)
+    try:
+        xfer = _Transfer(41, None)
+        seq = pub.doorbell.next_seq()
+        with pub._cv:
+            pub._free.remove(1)
+            pub._inflight["ab" * 16] = (1, 0, 100, time.perf_counter(), xfer, [])
+            pub._rung["ab" * 16] = _Rung(1, seq, np.array([0]), ["someone"],
+                                         time.perf_counter(), 41, 0)
+        _post(pub.doorbell, 1, seq, version=41, hid="ab" * 16)
+        pub._settle_rung(xfer, "committed")
+        assert "ab" * 16 in pub._rung and 1 not in pub._free
+        pub._settle_rung(xfer, "aborted")
+        assert not pub._rung and sorted(pub._free) == [0, 1]
+        assert pub.doorbell._r.load64(pub.doorbell._records_at + 128) == 0  # withdrawn
+    finally:
+        pub.close()
+
+
+def test_an_aborted_version_frees_its_doorbell_slots(fast):
+    """Persistent corruption aborts the version after three attempts; its posts still
+    unanswered are freed at once (as the coordinator releases an aborted version's handles)
+    and the next version goes through."""
+    endpoint, _ = fast
+    src, dst = _model(8), _model(9)
+    pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
+                               slots=3, direct="off", serve_late=False)
+    h = dst.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
+    try:
+        r = pub.publish("v1", timeout=60)
+        h.wait(r.version, timeout=60)
+        good = {k: v.clone() for k, v in dst.state_dict().items()}
+        pub.after_gather = lambda b, slot, a: slot.__setitem__(0, slot[0] ^ 1) if b == 1 else None
+        with torch.no_grad():
+            for p in src.parameters():
+                p.add_(1.0)
+        with pytest.raises(hotweights.PublishError, match="failed 3 times.*checksum mismatch"):
+            pub.publish("v2", timeout=60)
+        assert not pub._rung and sorted(pub._free) == list(range(pub.slots))
+        assert all(torch.equal(good[k], v) for k, v in dst.state_dict().items())
+        pub.after_gather = None
+        r = pub.publish("v3", timeout=60)
+        h.wait(r.version, timeout=60)
+        assert _same(src, dst)
     finally:
         h.close()
         pub.close()
