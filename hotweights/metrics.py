@@ -263,6 +263,9 @@ SENT_BYTES = counter(
     "included).", _RM, "bytes")
 SENT_BUCKETS = counter(
     "hotweights_sent_buckets", "Buckets the publisher announced (re-sends included).", _RM)
+DOORBELL_BUCKETS = counter(
+    "hotweights_doorbell_buckets", "Ring buckets the publisher posted only in its same-node "
+    "doorbell, taken and acked there without a coordinator request (Note [Doorbell]).", _RM)
 RECEIVED_BYTES = counter(
     "hotweights_received_bytes", "Bytes a subscriber copied out of a publisher's slots and "
     "verified, by path (bucket digest matched).", {**_RM, "path": PATHS}, "bytes")
@@ -737,6 +740,10 @@ class PublisherMetrics(_Component):
         self._c(SENT_BYTES).inc(nbytes)
         self._c(SENT_BUCKETS).inc()
         self._c(BUCKET_DURATION, stage="gather").observe(seconds)
+
+    def rung(self) -> None:
+        """A bucket was posted only in the doorbell."""
+        self._c(DOORBELL_BUCKETS).inc()
 
     def completed(self, seconds: float) -> None:
         """A bucket was released acked by every consumer ``seconds`` after its post."""

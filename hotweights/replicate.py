@@ -853,6 +853,8 @@ class Publisher:
             raise
         xfer.posted += 1
         self.metrics.gathered(int(ln.sum()), gather_s)
+        if only:
+            self.metrics.rung()
 
     def _direct_handle(self, xfer: _Transfer, b: int) -> tuple[str, dict]:
         """Bucket b as a direct read: for each piece, which shared storage holds it and where
