@@ -121,6 +121,8 @@ READ_AHEAD = 8
 DOORBELL_POLL_S = 0.05
 # ... and about the version's state (aborted? timed out?) at most this often
 DOORBELL_STATE_S = 0.25
+# per-bucket gauges (window, in flight) are set at most this often (and at a version's end)
+GAUGE_EVERY_S = 0.05
 # a publisher asks the coordinator about consumers of doorbell-only buckets left unanswered
 # this long (dead or refusing ones must not hold a slot)
 DOORBELL_STUCK_S = 1.0
@@ -343,6 +345,7 @@ class Publisher:
                       "doorbell_errors": 0}
         self._routes: dict[str, dict] = {}  # subscriber id -> {"node", "leader", "peer"}
         self._released_after = 0
+        self._inflight_reported = self._window_reported = 0.0  # gauges last set (perf_counter)
         # slots whose posts every consumer can ack through the doorbell: handle id ->
         # (slot, seq, lanes); freed by _doorbell_loop as soon as those lanes acked
         self._rung: dict[str, _Rung] = {}
@@ -514,6 +517,7 @@ class Publisher:
                 self._transfer = None
                 self._cv.notify_all()
             self._settle_rung(xfer, info["state"])
+            self.metrics.window(self.window)  # the gauges as the version leaves them
         t_end = time.perf_counter()
         res = PublishResult(
             version=version, state=info["state"], label=label, bytes=plan.total_bytes,
@@ -911,7 +915,13 @@ class Publisher:
             raise
 
     def _report_inflight(self) -> None:
-        """In-flight gauges (call with self._cv held)."""
+        """In-flight gauges (call with self._cv held): at most every GAUGE_EVERY_S while
+        buckets are in flight (a gauge per bucket was a fifth of a bucket's control cost once
+        the doorbell took the coordinator out of it), and always when none are."""
+        now = time.perf_counter()
+        if self._inflight and now - self._inflight_reported < GAUGE_EVERY_S:
+            return
+        self._inflight_reported = now
         self.metrics.inflight(len(self._inflight), sum(v[2] for v in self._inflight.values()))
 
     # ------------------------------------------------------------------ background
@@ -979,7 +989,8 @@ class Publisher:
                     self._handle_failure(xfer, b, rel)
             self._report_inflight()
             self._cv.notify_all()
-        if acked:  # the window's gauges once per batch of releases, off the lock
+        if acked and now - self._window_reported >= GAUGE_EVERY_S:  # off the lock
+            self._window_reported = now
             self.metrics.window(self.window)
         for fn, nacked, total in progress:
             try:  # the caller's: it must not stop the releases
@@ -1017,7 +1028,12 @@ class Publisher:
         done, fresh = [], False
         for hid, e in rung:
             words = db.answers(e.slot, e.lanes)
-            ok, bad = words == e.seq, words == (e.seq | NACK)
+            ok = words == e.seq
+            if ok.all():  # the usual case
+                done.append({"handle_id": hid, "reason": "acked", "version": e.version,
+                             "errors": {}, "missing": []})
+                continue
+            bad = words == (e.seq | NACK)
             waiting = ~(ok | bad)
             if waiting.any() and e.version in gone:
                 waiting &= ~np.isin(np.array(e.cids), list(gone[e.version]))
