@@ -99,7 +99,7 @@ def publisher(i: int, endpoint: str, spec: dict, q, stop) -> None:
     model = make_model(spec.get("seed", 7), spec.get("width", 64), spec.get("layers", 3), dev)
     pub = hotweights.Publisher(model, name=spec.get("name", "m"), endpoint=endpoint,
                                bucket_bytes=spec.get("bucket_bytes", 4096), slots=2,
-                               serve_late=False)
+                               serve_late=False, direct=spec.get("direct"))
     r = pub.publish("v1")
     q.put(("published", i, r.version, pack(model.state_dict())))
     stop.wait(60)  # until the parent saw the subscriber apply v1

@@ -198,17 +198,25 @@ def test_subscriber_killed_mid_transfer_others_commit(coord, monkeypatch, device
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_publisher_killed_mid_version_then_new_session(coord, device):
+@pytest.mark.parametrize("direct", ["auto", "off"])
+def test_publisher_killed_mid_version_then_new_session(coord, device, direct):
+    """direct="off": the subscriber waits on the dead publisher's doorbell (Note [Doorbell])
+    when it dies; it still learns of the abort and drops the doorbell with the ring."""
+    if device != "cpu" and direct == "off":
+        pytest.skip("a CUDA publisher streams through the ring by default already")
     ctx = mp.get_context("spawn")
     q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
     model = make_model(55, device=device)
     h = model.register_hotweights(name="m", endpoint=coord, commit="manual", swap="storage")
     try:
         with children(publisher, coord, [{"sleep_at_bucket": 2, "mid_event": mid,
-                                          "device": device}], q, stop) as procs:
+                                          "device": device, "direct": direct}],
+                      q, stop) as procs:
             _, _, v1, pub_state = get(q, "published")
             h.wait(v1, timeout=30)
             assert same_state(snapshot(model), pub_state)
+            if direct == "off" and device == "cpu":
+                assert h._sub.stats["doorbell_takes"] > 0 and h._sub._doorbells
             stop.set()  # let the child start v2
             assert mid.wait(60)
             os.kill(procs[0].pid, signal.SIGKILL)
@@ -227,6 +235,7 @@ def test_publisher_killed_mid_version_then_new_session(coord, device):
             # the dead publisher's ring (or storages it read directly) are unmapped
             time.sleep(0.1)
         assert not h._sub._rings and not len(h._sub._sources)  # nor its storages
+        assert not h._sub._doorbells  # nor its doorbell
         # a new publisher session works (on CUDA: a ring this process exported itself)
         src = make_model(77, device=device)
         with hotweights.Publisher(src, name="m", endpoint=coord, bucket_bytes=4096) as pub:
