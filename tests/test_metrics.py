@@ -278,11 +278,12 @@ def test_replication_run_serves_every_dashboard_metric(monkeypatch, exporter_res
                  result="ok") >= 4
     assert value(second, "hotweights_coordinator_rejected_messages_total",
                  code="bad_message") >= 1
-    # every sent bucket went to the coordinator or only to the same-node doorbell
+    # every sent bucket went to the coordinator or only to the same-node doorbell (the
+    # coordinator's counter is the process's: other tests' coordinators add to it)
     rung = value(second, "hotweights_doorbell_buckets_total", **mine)
     sent = value(second, "hotweights_sent_buckets_total", **mine)
-    assert rung > 0  # the subscriber shares the publisher's node (Note [Doorbell])
-    assert value(second, "hotweights_coordinator_handles_posted_total") == sent - rung
+    assert 0 < rung < sent  # the subscriber shares the publisher's node (Note [Doorbell])
+    assert value(second, "hotweights_coordinator_handles_posted_total") >= sent - rung
     assert value(second, "hotweights_coordinator_leader") == 1
     assert value(second, "hotweights_build_info", version=hotweights.__version__) == 1
 
