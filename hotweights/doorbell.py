@@ -304,14 +304,28 @@ class Doorbell:
         out.sort(key=lambda r: r["seq"])
         return out
 
-    def ack(self, slot: int, seq: int, ok: bool = True) -> None:
+    def ack(self, slot: int, seq: int, ok: bool = True) -> bool:
         """Answers post ``seq`` of ``slot`` for this lane (verified, or not: ``ok`` False)
-        and rings the publisher."""
+        and rings the publisher when this was the post's last answer (or a nack); returns
+        whether it rang. Two lanes answering at once cannot both miss each other: each
+        answer is stored with a full barrier before the other lanes' words are read (the
+        store-buffer litmus), so at least one of them rings."""
         if self.lane is None or not 0 <= slot < self.slots:
-            return
+            return False
         self._r.store64(self._acks_at + (slot * LANES + self.lane) * 8, seq if ok else seq | NACK)
+        if ok and self._r.load64(self._records_at + slot * _RECORD) == seq:
+            mask = int(self._records[slot, _R_MASK])
+            if self._r.load64(self._records_at + slot * _RECORD) == seq:  # (mask of that post)
+                words = self._acks[slot]
+                mask &= ~(1 << self.lane)
+                while mask:
+                    lane = (mask & -mask).bit_length() - 1
+                    mask &= mask - 1
+                    if int(words[lane]) not in (seq, seq | NACK):
+                        return False  # another lane still reads it: its answer rings
         self._r.add32(_H_ACKED, 1)
         self._r.wake32(_H_ACKED)
+        return True
 
     def close(self) -> None:
         """Releases the lane and drops the mapping (the memory goes with the last one)."""

@@ -130,6 +130,27 @@ def test_posts_reach_their_lanes_and_acks_come_back():
     db.close()
 
 
+def test_only_a_posts_last_answer_rings_the_publisher():
+    """With two lanes, the first verified answer does not wake the publisher, the second
+    does; a nack always does (the publisher re-sends at once)."""
+    db = Doorbell.create(2)
+    a, b = Doorbell.open(db.handle()), Doorbell.open(db.handle())
+    assert (a.claim("a"), b.claim("b")) == (0, 1)
+    _post(db, 0, 5, mask=0b11)
+    before = db.acked_count()
+    assert not a.ack(0, 5) and db.acked_count() == before
+    assert b.ack(0, 5) and db.acked_count() == before + 1
+    assert db.answers(0, np.array([0, 1])).tolist() == [5, 5]
+    _post(db, 1, 6, mask=0b11)
+    assert a.ack(1, 6, ok=False)  # a nack rings at once
+    assert b.ack(1, 6)  # the last answer (the other one a nack)
+    _post(db, 0, 7, mask=0b01)
+    assert a.ack(0, 7)  # the only lane of its post
+    assert b.ack(0, 99)  # not its post's record any more: rings rather than guess
+    for d in (a, b, db):
+        d.close()
+
+
 def test_take_skips_records_being_written_other_versions_and_taken_handles():
     db = Doorbell.create(3)
     sub = Doorbell.open(db.handle())
@@ -360,14 +381,19 @@ def test_a_late_voter_outside_a_smaller_quorum_still_reads_its_posts(fast):
     version from the doorbell (a late vote) and applies it too."""
     endpoint, _ = fast
     src, fast_m, slow_m = _model(5), _model(6), _model(7)
+    # a window and ring larger than the version: the slow one's read-ahead may hold back
+    # the answers of the buckets before the one it stalls on, and a full window would stall
+    # the fast one too
+    cfg = config.load(ipc_max_inflight=64, ipc_inflight_buckets=64, ipc_adapt=False)
     pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
-                               slots=8, direct="off", serve_late=False, quorum=1)
+                               slots=64, direct="off", serve_late=False, quorum=1, config=cfg)
     hf = fast_m.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
     hs = slow_m.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
     try:
         r = pub.publish("v1", timeout=60)  # both map the ring and claim lanes
         hf.wait(r.version, timeout=60)
         hs.wait(r.version, timeout=60)
+        assert r.buckets < pub.slots
         stalled, released = [], threading.Event()
 
         def stall(b):
