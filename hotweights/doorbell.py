@@ -18,7 +18,8 @@ to its ring (CPU or CUDA):
   subscriber's pid, named by a hash of its client id, given back on close (the lane of a
   process that died is taken over when no lane is free);
 - an **ack word** per slot and lane: the sequence number of the post that lane has verified;
-- two futex words, ``posted`` and ``acked``, bumped and woken by each post and each ack.
+- two futex words, ``posted`` and ``acked``, bumped and woken by each post and by the last
+  answer to each post (or a nack): one publisher wake-up per bucket, not one per subscriber.
 
 A bucket that every consumer can take from the doorbell (all on this node, each with a
 lane, no relay) is posted only there, and answered only there: no coordinator request, no
