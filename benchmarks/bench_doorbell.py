@@ -19,13 +19,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
-import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import finish, parser  # noqa: E402
-from bench_replicate import N_TENSORS, Bag, _hw_subscriber  # noqa: E402
+from bench_replicate import (N_TENSORS, Bag, _hw_subscriber, publish_all,  # noqa: E402
+                             stop_subscribers)
 
 
 def overhead(device: str, reps: int) -> list[dict]:
@@ -65,22 +63,6 @@ def updates(device: str, mib: int, buckets_mib: list[int], reps: int,
         for _ in procs:
             assert q.get(timeout=120)[0] == "ready"
 
-        def publish(pub, label):
-            with torch.no_grad():
-                for p in src.parameters():
-                    p.add_(1.0)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            r = pub.publish(label)
-            t = time.perf_counter() - t0
-            seen = set()
-            while len(seen) < subscribers:
-                msg = q.get(timeout=300)
-                if msg[0] == "applied" and msg[2] == r.version:
-                    seen.add(msg[1])
-            return t, r
-
         for bmib in buckets_mib:
             times = {True: [], False: []}
             results = {}
@@ -90,8 +72,9 @@ def updates(device: str, mib: int, buckets_mib: list[int], reps: int,
                     with hotweights.Publisher(src, name="bench", endpoint=coord.endpoint,
                                               serve_late=False, direct="off", config=cfg,
                                               bucket_bytes=bmib << 20) as pub:
-                        publish(pub, "warm-up")  # the subscribers map the new ring (lanes)
-                        t, r = publish(pub, f"{bmib} MiB {bell}")
+                        # the warm-up: the subscribers map the new ring, claim lanes
+                        publish_all(pub, src, q, subscribers, "warm-up")
+                        t, r = publish_all(pub, src, q, subscribers, f"{bmib} MiB {bell}")
                         results[bell] = (r.buckets, pub.stats["doorbell_acks"])
                     if rep:
                         times[bell].append(t)
@@ -101,11 +84,7 @@ def updates(device: str, mib: int, buckets_mib: list[int], reps: int,
                          "doorbell ms": a * 1e3, "coordinator ms": b * 1e3, "ratio": b / a,
                          "doorbell acks": results[True][1]})
     finally:
-        stop.set()
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
+        stop_subscribers(stop, procs)
         coord.stop()
     return rows
 

@@ -61,6 +61,35 @@ def _env(n_threads=1):
 # ----------------------------------------------------------------------------- hotweights
 
 
+def publish_all(pub, src: torch.nn.Module, q, subscribers: int, label: str):
+    """Changes every parameter of ``src``, publishes, and waits until each of the
+    ``subscribers`` (_hw_subscriber processes reporting on ``q``) applied the version; returns
+    (seconds of the publish, its PublishResult)."""
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    if pub.device.type == "cuda":  # the changes are queued on the GPU: they are
+        torch.cuda.synchronize()    # the trainer's work, not the update's
+    t0 = time.perf_counter()
+    r = pub.publish(label)
+    wall = time.perf_counter() - t0
+    seen = set()
+    while len(seen) < subscribers:
+        msg = q.get(timeout=300)
+        if msg[0] == "applied" and msg[2] == r.version:
+            seen.add(msg[1])
+    return wall, r
+
+
+def stop_subscribers(stop, procs) -> None:
+    """Tells the subscriber processes to stop; kills those that do not within 20 s."""
+    stop.set()
+    for p in procs:
+        p.join(20)
+        if p.is_alive():
+            p.kill()
+
+
 def _hw_subscriber(i, endpoint, n, numel, swap, device, q, stop):
     import hotweights
 
@@ -158,11 +187,7 @@ def run_hotweights(mib: int, device: str, subscribers: int = 2, direct: str | No
             t_ring, r_ring, _ = best("full", everything)
             out.update(ring_full_s=t_ring, ring_timings=r_ring.timings)
     finally:
-        stop.set()
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
+        stop_subscribers(stop, procs)
         if pub is not None:
             pub.close()
         coord.stop()

@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -33,7 +32,7 @@ from common import describe, machine, parser, table  # noqa: E402
 N_TENSORS = 200
 
 
-from bench_replicate import Bag  # noqa: E402  (one synthetic model for both benchmarks)
+from bench_replicate import Bag, publish_all, stop_subscribers  # noqa: E402  (shared with bench_replicate)
 
 
 def _subscriber(i, endpoint, numel, q, stop, device="cpu"):
@@ -92,20 +91,7 @@ def run_case(coord, src, q, k: int, bucket_mib: int, window: int | None, reps: i
                                bucket_bytes=bucket_mib << 20)  # exactly, direct reads too
     try:
         def publish(label):
-            with torch.no_grad():
-                for p in src.parameters():
-                    p.add_(1.0)
-            if pub.device.type == "cuda":  # the changes are queued on the GPU: they are
-                torch.cuda.synchronize()    # the trainer's work, not the update's
-            t0 = time.perf_counter()
-            r = pub.publish(label)
-            wall = time.perf_counter() - t0
-            seen = set()
-            while len(seen) < k:
-                msg = q.get(timeout=300)
-                if msg[0] == "applied" and msg[2] == r.version:
-                    seen.add(msg[1])
-            return wall, r
+            return publish_all(pub, src, q, k, label)
 
         publish("warm-up")
         runs = sorted((publish(f"b{bucket_mib}w{window}-{i}") for i in range(reps)), key=lambda x: x[0])
@@ -214,11 +200,7 @@ def main():
                 print(f"{case}: measured {meas['timings']['total_s']:.3f} s", file=sys.stderr,
                       flush=True)
         finally:
-            stop.set()
-            for pr in procs:
-                pr.join(20)
-                if pr.is_alive():
-                    pr.kill()
+            stop_subscribers(stop, procs)
             coord.stop()
     if not args.table:
         measure("after")

@@ -153,10 +153,6 @@ class Doorbell:
         return msgpack.packb({"magic": _HANDLE_MAGIC, "slots": self.slots,
                               "raw": self._r.handle()})
 
-    @property
-    def id(self) -> str:
-        return self._r.id
-
     def posted_count(self) -> int:
         return self._r.load32(_H_POSTED)
 

@@ -273,6 +273,13 @@ def _model(seed):
     return torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
 
 
+def _bump(model, scale=1.0, shift=1.0):
+    """Changes every parameter (a new version's content)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale).add_(shift)
+
+
 def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -291,9 +298,7 @@ def test_ring_updates_through_the_doorbell_match_the_coordinator_path(fast, bell
     h = dst.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
     try:
         for i in range(3):
-            with torch.no_grad():
-                for p in src.parameters():
-                    p.mul_(1.5).add_(0.25)
+            _bump(src, 1.5, 0.25)
             if i == 2:  # corrupt bucket 2 once
                 pub.after_gather = lambda b, slot, a: slot.__setitem__(7, slot[7] ^ 0xFF) \
                     if b == 2 and a == 1 else None
@@ -317,9 +322,7 @@ def test_ring_updates_through_the_doorbell_match_the_coordinator_path(fast, bell
                                    slots=3, direct="off", serve_late=False)
         takes = h._sub.stats["doorbell_takes"]
         for i in range(2):
-            with torch.no_grad():
-                for p in src.parameters():
-                    p.add_(1.0)
+            _bump(src)
             r = pub.publish(f"session 2 v{i}", timeout=60)
             h.wait(r.version, timeout=60)
             assert _same(src, dst)
@@ -362,9 +365,7 @@ def test_a_silent_lane_expires_and_the_bucket_is_sent_again(fast):
                 time.sleep(4.5)
 
         h._sub.before_scatter = stall
-        with torch.no_grad():
-            for p in src.parameters():
-                p.add_(1.0)
+        _bump(src)
         r = pub.publish("v2", timeout=60)
         h.wait(r.version, timeout=60)
         assert r.state == "committed" and _same(src, dst)
@@ -402,9 +403,7 @@ def test_a_late_voter_outside_a_smaller_quorum_still_reads_its_posts(fast):
                 released.wait(30)
 
         hs._sub.before_scatter = stall
-        with torch.no_grad():
-            for p in src.parameters():
-                p.add_(1.0)
+        _bump(src)
         r2 = pub.publish("v2", timeout=60)  # committed by the fast one alone
         assert r2.state == "committed" and stalled and hs.version == r.version
         assert pub._rung  # the slow one's post is still held for it
@@ -465,9 +464,7 @@ def test_an_aborted_version_frees_its_doorbell_slots(fast):
         h.wait(r.version, timeout=60)
         good = {k: v.clone() for k, v in dst.state_dict().items()}
         pub.after_gather = lambda b, slot, a: slot.__setitem__(0, slot[0] ^ 1) if b == 1 else None
-        with torch.no_grad():
-            for p in src.parameters():
-                p.add_(1.0)
+        _bump(src)
         with pytest.raises(hotweights.PublishError, match="failed 3 times.*checksum mismatch"):
             pub.publish("v2", timeout=60)
         assert not pub._rung and sorted(pub._free) == list(range(pub.slots))
