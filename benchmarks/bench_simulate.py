@@ -33,14 +33,14 @@ N_TENSORS = 200
 
 
 from bench_replicate import Bag, publish_all, stop_subscribers  # noqa: E402  (shared with bench_replicate)
+from hotweights.bench import use_device  # noqa: E402
 
 
 def _subscriber(i, endpoint, numel, q, stop, device="cpu"):
     import hotweights  # noqa: F401  (registers register_hotweights)
 
     torch.set_num_threads(1)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    use_device(device)
     model = Bag(N_TENSORS, numel, 100 + i, device)
     h = model.register_hotweights(name="calib", endpoint=endpoint, commit="manual", swap="storage")
     q.put(("ready", i))

@@ -272,6 +272,14 @@ def _row(path: str, bucket: int, window: int, total: int, wall: float, lat: list
     return r
 
 
+def use_device(device: str) -> None:
+    """Makes a benchmark process's CUDA device current: "cuda" alone means cuda:0 (what a
+    fresh process would use), "cuda:N" device N; nothing for "cpu"."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        torch.cuda.set_device(0 if d.index is None else d.index)
+
+
 def _xproc_child(conn, device: str) -> None:
     """Child of the cross-process ring path: imports each ring once, scatters+hashes every
     announced bucket into its own buffer, acks with the digest and the scatter time."""
@@ -279,8 +287,7 @@ def _xproc_child(conn, device: str) -> None:
     from .ipc import open_ring
 
     torch.set_num_threads(1)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    use_device(device)
     dst = None
     ring = None
     bucket = 0
@@ -536,8 +543,7 @@ def serve_buffers(conn, name: str, endpoint: str, n: int, numel: int, device: st
     import hotweights  # noqa: F401  (adds nn.Module.register_hotweights)
 
     torch.set_num_threads(1)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    use_device(device)
     model = torch.nn.Module()
     for i in range(n):
         model.register_buffer(f"t{i:04d}", torch.zeros(numel, device=device))
