@@ -90,14 +90,14 @@ def stop_subscribers(stop, procs) -> None:
             p.kill()
 
 
-def _hw_subscriber(i, endpoint, n, numel, swap, device, q, stop):
+def _hw_subscriber(i, endpoint, n, numel, swap, device, q, stop, name="bench"):
     import hotweights
 
     _env()
     if device.startswith("cuda"):
         torch.cuda.set_device(0)
     model = Bag(n, numel, 100 + i, device)
-    h = model.register_hotweights(name="bench", endpoint=endpoint, commit="manual", swap=swap)
+    h = model.register_hotweights(name=name, endpoint=endpoint, commit="manual", swap=swap)
     q.put(("ready", i))
     try:
         while not stop.is_set():

@@ -116,7 +116,8 @@ def recompute(files: list[str]) -> None:
             pred = simulate.simulate(lt, c["measured"]["bytes"], c["bucket_mib"] << 20,
                                      subscribers=c["k"], window=c["window"], tensors=N_TENSORS,
                                      min_window=1, max_window=8, slots=8,
-                                     direct=c.get("direct", False))
+                                     direct=c.get("direct", False),
+                                     buckets=c["measured"].get("buckets"))
             m = c["measured"]["timings"]["total_s"]
             e = (pred.stages["total"] - m) / m
             errs.append(e)
@@ -211,7 +212,7 @@ def main():
     lt = merge_tables(tables)
     for d in details:  # predictions from the combined table, and the spread over each table
         kw = dict(subscribers=d["k"], window=d["window"], tensors=N_TENSORS, min_window=1,
-                  max_window=8, slots=8, direct=d["direct"])
+                  max_window=8, slots=8, direct=d["direct"], buckets=d["measured"]["buckets"])
         pred = simulate.simulate(lt, d["measured"]["bytes"], d["bucket_mib"] << 20, **kw)
         d["predicted"] = pred.to_dict()
         d["predicted_each_table"] = [simulate.simulate(t, d["measured"]["bytes"],

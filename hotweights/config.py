@@ -82,6 +82,32 @@ def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
     return parse
 
 
+def _spin(s: str) -> int | str:
+    v = s.strip().lower()
+    if v == "auto":
+        return v
+    try:
+        n = int(v, 0)
+    except ValueError:
+        raise ValueError("expected auto or microseconds in [0, 100000]") from None
+    if not 0 <= n <= 100000:
+        raise ValueError("expected auto or microseconds in [0, 100000]")
+    return n
+
+
+# HOTWEIGHTS_SPIN_US=auto: spin this long where the host has cores to spare (a 2-core VM has
+# none: a spinning waiter there takes the core the copy it waits for needs)
+SPIN_AUTO_US, SPIN_AUTO_MIN_CORES = 100, 8
+
+
+def _cores() -> int:
+    """Cores this process may run on (its affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(s: str) -> str:
         v = s.strip().lower()
@@ -195,6 +221,7 @@ _SETTINGS: tuple[Setting, ...] = (
     # copy engine
     _s("ipc_copy_chunk_mb", 16, _int(1, 4096), "Chunk size (MiB) of the multi-stream copy engine.", "copy"),
     _s("ipc_copy_streams", 2, _int(1, 32), "CUDA streams (CPU: worker threads) per copy engine.", "copy"),
+    _s("spin_us", "auto", _spin, "How long (us) a thread waiting for a CUDA copy or a doorbell word polls before it sleeps; auto = 100 on hosts of 8 or more cores, else 0.", "copy"),
     _s("ipc_copy_autotune", False, _bool, "Pick chunk size and streams from the link between source and destination; explicit CHUNK_MB/STREAMS win.", "copy"),
     # window
     _s("ipc_inflight_buckets", 4, _int(1, 1024), "Base in-flight window (buckets).", "window"),
@@ -285,6 +312,9 @@ def _make_config_class():
     cls.as_env = as_env
     cls.bucket_bytes = property(lambda self: self.bucket_mb << 20)
     cls.copy_chunk_bytes = property(lambda self: self.ipc_copy_chunk_mb << 20)
+    cls.spin_s = property(lambda self: (
+        (SPIN_AUTO_US if _cores() >= SPIN_AUTO_MIN_CORES else 0)
+        if self.spin_us == "auto" else self.spin_us) * 1e-6)
     cls.node = property(lambda self: self.node_id or socket.gethostname())
     return cls
 

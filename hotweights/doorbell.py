@@ -58,6 +58,7 @@ import msgpack
 import numpy as np
 
 from . import _C
+from . import config as _config
 
 __all__ = ["Doorbell", "DoorbellError", "LANES", "NACK"]
 
@@ -114,6 +115,7 @@ class Doorbell:
             self._records_at:self._acks_at].reshape(slots, _RECORD)[:, _R_HID:_R_HID + 16]
         self.lane: int | None = None  # a subscriber's, once claimed
         self._pid = os.getpid()
+        self._spin_s = _config.get().spin_s  # poll this long before a futex sleep
 
     # ------------------------------------------------------------------ both ends
 
@@ -161,10 +163,10 @@ class Doorbell:
 
     def wait_posted(self, seen: int, timeout_s: float) -> bool:
         """Sleeps until a post after ``seen`` (a posted_count()) or the timeout; True if rung."""
-        return self._r.wait32(_H_POSTED, seen & 0xFFFFFFFF, max(0.0, timeout_s))
+        return self._r.wait32(_H_POSTED, seen & 0xFFFFFFFF, max(0.0, timeout_s), self._spin_s)
 
     def wait_acked(self, seen: int, timeout_s: float) -> bool:
-        return self._r.wait32(_H_ACKED, seen & 0xFFFFFFFF, max(0.0, timeout_s))
+        return self._r.wait32(_H_ACKED, seen & 0xFFFFFFFF, max(0.0, timeout_s), self._spin_s)
 
     def ring_version(self) -> int:
         """The version the publisher streams through its ring now (0: none)."""

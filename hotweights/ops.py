@@ -200,12 +200,18 @@ def _peer_ok(device: int, peer: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _engine(kind: str, device: int, chunk_bytes: int, streams: int):
+def _engine(kind: str, device: int, chunk_bytes: int, streams: int, spin_ns: int = 0):
     # Engines live for the process: their streams/threads are reused by every batch.
     if kind == "cpu":
         return _C.CpuCopyEngine(streams, chunk_bytes)
     require_cuda_build("a copy between CUDA tensors")
-    return _C.cuda.CudaCopyEngine(device, streams, chunk_bytes)
+    return _C.cuda.CudaCopyEngine(device, streams, chunk_bytes, spin_ns)
+
+
+def _cuda_engine(device: int, st: CopySettings):
+    """The CUDA engine for ``device`` with these settings; its batches poll for
+    HOTWEIGHTS_SPIN_US before they sleep (Note [Batch completion] in csrc/cuda/cuda_api.h)."""
+    return _engine("cuda", device, st.chunk_bytes, st.streams, int(_config.get().spin_s * 1e9))
 
 
 class CopyHandle:
@@ -276,9 +282,8 @@ def _table(tensors: Sequence[torch.Tensor], op: str) -> np.ndarray:
         for t in tensors:
             _contig(t, op)  # names the offending element
         raise
-    bad = np.flatnonzero(tab[:, _CONTIG] == 0)
-    if bad.size:
-        _contig(tensors[int(bad[0])], op)
+    if not tab[:, _CONTIG].all():
+        _contig(tensors[int(np.flatnonzero(tab[:, _CONTIG] == 0)[0])], op)
     return tab
 
 
@@ -327,12 +332,18 @@ def mismatched(partials: np.ndarray, nbytes: np.ndarray, checksums: np.ndarray) 
     return np.flatnonzero(got != np.asarray(checksums).astype(np.uint64))
 
 
+def _devices(codes: np.ndarray) -> set[torch.device]:
+    """The devices of a batch side's device codes (one, almost always: checked without a sort)."""
+    if len(codes) and (codes == codes[0]).all():
+        return {_device_of(codes[0])}
+    return {_device_of(c) for c in np.unique(codes)}
+
+
 def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
             dst_ptrs: np.ndarray, src_ptrs: np.ndarray, hash_base: np.ndarray | None,
             keepalive, op: str, hash_index: np.ndarray | None = None,
             num_hashes: int | None = None) -> CopyHandle:
-    dst_devs = {_device_of(c) for c in np.unique(dst_codes)}
-    src_devs = {_device_of(c) for c in np.unique(src_codes)}
+    dst_devs, src_devs = _devices(dst_codes), _devices(src_codes)
     devs = dst_devs | src_devs
     u64 = lambda a: np.ascontiguousarray(a, dtype=np.uint64)  # noqa: E731
     hidx = hbase = None
@@ -363,7 +374,7 @@ def _submit(dst_codes: np.ndarray, src_codes: np.ndarray, sizes: np.ndarray,
         if nh and not kernel_ok:
             raise ValueError(f"{op}: hashing needs both sides on CUDA devices, got {sorted(map(str, devs))}")
         st = copy_settings(src_dev, dst_dev)
-        eng = _engine("cuda", device, st.chunk_bytes, st.streams)
+        eng = _cuda_engine(device, st)
         stream = torch.cuda.current_stream(device).cuda_stream
         c = eng.submit(u64(dst_ptrs), u64(src_ptrs), u64(sizes), hidx, hbase, nh, stream,
                        kernel_ok)
@@ -412,15 +423,15 @@ def _layout(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets, lengths
     toff = np.zeros(n, np.int64) if tensor_offsets is None else np.asarray(tensor_offsets, np.int64)
     tn = tab[:, _NBYTES]
     ln = tn - toff if lengths is None else np.asarray(lengths, np.int64)
-    bad = np.flatnonzero((toff < 0) | (ln < 0) | (toff + ln > tn))
-    if bad.size:
-        i = int(bad[0])
+    cap = buf.numel()
+    outside = (toff < 0) | (ln < 0) | (toff + ln > tn)
+    past = (offs < 0) | (offs + ln > cap)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
         raise ValueError(f"{op}: piece {i} [{toff[i]}, {toff[i] + ln[i]}) is outside its tensor "
                          f"of {tn[i]} bytes")
-    cap = buf.numel()
-    bad = np.flatnonzero((offs < 0) | (offs + ln > cap))
-    if bad.size:
-        i = int(bad[0])
+    if past.any():
+        i = int(np.flatnonzero(past)[0])
         raise ValueError(f"{op}: piece {i} at offset {offs[i]} with {ln[i]} bytes runs past the "
                          f"buffer of {cap} bytes")
     return tab, ln, tab[:, _PTR] + toff, buf.data_ptr() + offs, toff
@@ -605,7 +616,7 @@ def hash_pieces(buf: torch.Tensor, offsets, lengths, tensor_offsets) -> np.ndarr
     ptr = buf.data_ptr()
     require_cuda_build("hashing CUDA memory")
     st = copy_settings(buf.device, buf.device)
-    eng = _engine("cuda", buf.device.index, st.chunk_bytes, st.streams)
+    eng = _cuda_engine(buf.device.index, st)
     c = eng.submit(np.zeros(len(offs), np.uint64), np.asarray(ptr + offs, np.uint64),
                    np.asarray(ln, np.uint64), np.arange(len(offs), dtype=np.int64),
                    np.asarray(base, np.uint64), len(offs),

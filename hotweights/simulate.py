@@ -231,13 +231,53 @@ def _by_k(d: Mapping[str, float] | None, k: int, what: str, notes: list[str]) ->
     return max(v, min(v1, v2))
 
 
+def _pipeline(n: int, nbytes: float, t_b: float, interval: float, window: int | None, *,
+              min_window: int = 1, max_window: int = 8, versions: int = 2) -> tuple[float, float]:
+    """Runs ``n`` buckets through a pipeline that takes ``t_b`` for a bucket alone and finishes
+    at most one bucket per ``interval`` (its slowest resource): a bucket admitted at t finishes
+    at max(t + t_b, the previous finish + interval). At most ``window`` buckets are in flight;
+    ``window`` None admits as the real adaptive controller (_C.WindowController with the
+    publisher's settings) decides, fed the service times this produces (admission to finish),
+    over ``versions`` updates in a row. Returns (the last update's streaming time, the mean
+    window its buckets were admitted at)."""
+    from . import _C
+
+    ctl = None
+    if window is None:
+        ctl = _C.WindowController(base=min(4, max_window), min_window=min_window,
+                                  max_window=max_window, target_s=0.25)
+    now = 0.0
+    for _ in range(versions if ctl is not None else 1):
+        if ctl is not None:
+            ctl.on_start(now)
+        start, flight, last, admitted, w_sum, done = now, [], -math.inf, 0, 0, 0
+        while done < n:
+            w = window if ctl is None else ctl.current
+            while admitted < n and len(flight) < w:
+                last = max(now + t_b, last + interval)
+                flight.append((now, last))
+                admitted += 1
+                w_sum += w
+            t0, t1 = flight.pop(0)
+            now = max(now, t1)
+            done += 1
+            if ctl is not None:
+                ctl.on_complete(now, t1 - t0, int(nbytes))
+        stream = now - start
+    return stream, w_sum / n
+
+
 def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
              subscribers: int | None = None, window: int | None = None, tensors: int | None = None,
              min_window: int = 1, max_window: int = 8, slots: int | None = None,
-             direct: bool = False) -> Prediction:
-    """Predicts one full update of ``model_bytes`` (Note [Update model]). ``window`` None models
-    the adaptive controller's steady state within [min_window, max_window] and ``slots``.
-    ``direct``: subscribers read the source in place (CPU tables only)."""
+             direct: bool = False, buckets: int | None = None,
+             versions: int = 2) -> Prediction:
+    """Predicts one full update of ``model_bytes`` (Note [Update model]). ``window`` None runs
+    the adaptive controller within [min_window, max_window] and ``slots``, over ``versions``
+    updates in a row (the last one is predicted: a publisher's later updates start from what
+    the controller learnt). ``direct``: subscribers read the source in place (CPU tables only).
+    ``buckets``: the plan's bucket count when known (default ceil(model_bytes / bucket_bytes):
+    packing whole tensors into buckets can take one or more extra)."""
     _check(table)
     m = int(model_bytes)
     b = int(bucket_bytes)
@@ -254,7 +294,9 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
     if not 1 <= min_window <= max_window:
         raise ValueError(f"simulate: window bounds [{min_window}, {max_window}] are not ordered")
     n_t = int(tensors if tensors is not None else max(1, round(m / 190e6)))
-    n = max(1, math.ceil(m / b))
+    n = max(1, math.ceil(m / b)) if buckets is None else int(buckets)
+    if n < 1:
+        raise ValueError(f"simulate: buckets={buckets!r}: expected >= 1")
     b_eff = m / n  # mean bytes per bucket (the last one is partial)
     notes: list[str] = []
     r = float(table["coord_rtt_s"])
@@ -337,19 +379,20 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
                       else i0 + copiers * b_eff / agg)
     res_name, res_interval = max(res.items(), key=lambda kv: kv[1])
     if direct:  # no slots: every bucket is posted at once
-        w, mode = n, "direct reads (no window)"
+        w_run, mode = n, "direct reads (no window)"
     elif window is None:
-        w = min(max(math.ceil(t_b / res_interval) + 1, min_window), max_window, slots)
-        mode = f"adaptive steady state in [{min_window}, {min(max_window, slots)}]"
+        w_run, mode = None, f"adaptive (the controller in [{min_window}, {min(max_window, slots)}])"
     else:
-        w, mode = int(window), "fixed"
-    interval = max(res_interval, t_b / w)
-    bottleneck = (f"window ({w} x {b_eff / 2**20:.3g} MiB in flight)" if t_b / w > res_interval
-                  else res_name)
+        w_run, mode = int(window), "fixed"
+    pipe, w = _pipeline(n, b_eff, t_b, res_interval, w_run, min_window=min_window,
+                        max_window=min(max_window, slots), versions=versions)
+    interval = (pipe - t_b) / (n - 1) if n > 1 else res_interval
+    bottleneck = (f"window ({w:.3g} x {b_eff / 2**20:.3g} MiB in flight)"
+                  if interval > res_interval * 1.05 else res_name)
     if bottleneck == "pipeline":
         bottleneck = ("per-bucket control" if i0 > max(t_g, t_s) else
                       "gather (publisher copy)" if t_g >= t_s else "scatter (subscriber copy)")
-    stream = r + t_b + (n - 1) * interval
+    stream = r + pipe
     manifest = m / float(table["hash_Bps"]) + n_t * float(table.get("manifest_per_tensor_s") or 0)
     plan = n_t * float(table.get("plan_per_tensor_s") or 0) + r
     commit = 1.5 * r
@@ -360,8 +403,8 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
     per_bucket = {"gather_s": t_g, "scatter_s": t_s, "link_s": t_x, "egress_s": t_e,
                   "control_latency_s": l0, "control_interval_s": i0, "latency_s": t_b,
                   "interval_s": interval, **{f"resource_{k2}_s": v for k2, v in res.items()}}
-    return Prediction(str(table.get("name")), bool(table.get("measured")), m, b, n, k, n_t, w,
-                      mode, stages, busy, per_bucket, bottleneck, notes)
+    return Prediction(str(table.get("name")), bool(table.get("measured")), m, b, n, k, n_t,
+                      round(w, 2), mode, stages, busy, per_bucket, bottleneck, notes)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -57,7 +57,7 @@ cat "$W/env.txt"
 grep -m1 -E "H100|H200|A100|GPU" "$W/env.txt" >> "$W/summary.txt" || true
 
 STEPS=" ${GPU_CHECK_STEPS:-build pytest bench topo} "
-BENCH=" ${GPU_CHECK_BENCH:-bench_replicate bench_doorbell bench_paths bench_simulate bench_copy bench_kv bench_storage} "
+BENCH=" ${GPU_CHECK_BENCH:-bench_replicate bench_doorbell bench_spin bench_paths bench_simulate bench_copy bench_kv bench_storage} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 GPU_CHECK_PROFILE=("--bucket-mib 64 --tensors 200 --tensor-mib 5.12"
                    "--bucket-mib 256 --tensors 200 --tensor-mib 5.12"
@@ -130,6 +130,9 @@ run_bench bench_replicate $PY benchmarks/bench_replicate.py --device cuda   # th
 # the ring's per-bucket control through the doorbell vs the coordinator (same run)
 run_bench bench_doorbell $PY benchmarks/bench_doorbell.py --device cuda --mib 1024 \
   --bucket-mib 16 64 256 --reps 3
+# waits that poll before they sleep (HOTWEIGHTS_SPIN_US=auto: 100 us here) vs sleeping at once
+run_bench bench_spin $PY benchmarks/bench_doorbell.py --device cuda --compare spin --mib 1024 \
+  --bucket-mib 64 256 --reps 3
 run_bench bench_paths $PY benchmarks/bench_paths.py --device cuda --quick \
   --paths h2d_pinned,d2h_pinned,same_device,ipc_same_gpu
 if [ -f "$W/bench_paths.json" ]; then

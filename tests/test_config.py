@@ -28,6 +28,8 @@ def test_defaults():
     ({"HOTWEIGHTS_QUORUM": "3"}, "quorum", 3),
     ({"HOTWEIGHTS_KV_HEAD_MAP": "[1, 0, 3, 2]"}, "kv_head_map", (1, 0, 3, 2)),
     ({"HOTWEIGHTS_USE_GDS": "require"}, "use_gds", "require"),
+    ({"HOTWEIGHTS_SPIN_US": "250"}, "spin_us", 250),
+    ({"HOTWEIGHTS_SPIN_US": "AUTO"}, "spin_us", "auto"),
     ({"HOTWEIGHTS_COORD_ENDPOINT": "tcp://127.0.0.1:5555,tcp://127.0.0.1:5556"}, "coord_endpoint",
      "tcp://127.0.0.1:5555,tcp://127.0.0.1:5556"),
 ])
@@ -48,11 +50,21 @@ def test_parse(env, field, value):
     ({"HOTWEIGHTS_IPC_MIN_INFLIGHT": "9", "HOTWEIGHTS_IPC_MAX_INFLIGHT": "3"}, "expected min <= max"),
     ({"HOTWEIGHTS_IPC_TARGET_BUCKET_MS": "0"}, "expected a number > 0"),
     ({"HOTWEIGHTS_NO_SUCH_THING": "1"}, "unknown setting HOTWEIGHTS_NO_SUCH_THING"),
+    ({"HOTWEIGHTS_SPIN_US": "-1"}, "HOTWEIGHTS_SPIN_US='-1': expected auto or microseconds in [0, 100000]"),
+    ({"HOTWEIGHTS_SPIN_US": "often"}, "HOTWEIGHTS_SPIN_US='often': expected auto"),
 ])
 def test_bad_values_name_the_variable(env, needle):
     with pytest.raises(ConfigError) as ei:
         config.load(env)
     assert needle in str(ei.value)
+
+
+def test_spin_auto_spins_only_with_cores_to_spare(monkeypatch):
+    assert config.load({"HOTWEIGHTS_SPIN_US": "40"}).spin_s == pytest.approx(40e-6)
+    assert config.load({"HOTWEIGHTS_SPIN_US": "0"}).spin_s == 0
+    for cores, spin in ((2, 0.0), (config.SPIN_AUTO_MIN_CORES, config.SPIN_AUTO_US * 1e-6)):
+        monkeypatch.setattr(config, "_cores", lambda: cores)
+        assert config.load({}).spin_s == pytest.approx(spin)
 
 
 def test_explicit_arguments_beat_environment():

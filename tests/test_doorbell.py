@@ -52,6 +52,25 @@ def test_region_atomics_check_offsets_and_timeouts():
         r.wait32(64, 1, -1.0)
 
 
+def test_a_spinning_wait_polls_then_sleeps_and_keeps_its_timeout():
+    r = _C.ShmRegion.create(4096, "spin")
+    assert r.wait32(64, 5, 1.0, 0.5)  # changed already: returns at once, spin or not
+    t0 = time.monotonic()
+    assert not r.wait32(64, 0, 0.05, 0.02)  # spins 20 ms, sleeps the rest: a timeout
+    assert 0.045 <= time.monotonic() - t0 < 5.0
+    t0 = time.monotonic()
+    assert not r.wait32(64, 0, 0.01, 0.5)  # a spin longer than the timeout stops at it
+    assert time.monotonic() - t0 < 5.0
+    # a store during the spin (no wake call at all) is seen by the polling waiter
+    threading.Timer(0.01, lambda: r.add32(64, 1)).start()
+    t0 = time.monotonic()
+    assert r.wait32(64, 0, 30.0, 0.5) and r.load32(64) == 1
+    assert time.monotonic() - t0 < 5.0
+    for bad in (-1.0, 2.0, float("nan")):
+        with pytest.raises(ValueError, match="spin_s=.*expected seconds in \\[0, 1\\]"):
+            r.wait32(64, 1, 0.1, bad)
+
+
 def _waiter(i, handle, q):
     db = Doorbell.open(handle)
     seen = db.posted_count()
@@ -60,7 +79,9 @@ def _waiter(i, handle, q):
     db.close()
 
 
-def test_a_post_wakes_a_waiter_in_another_process():
+@pytest.mark.parametrize("spin_us", ["0", "2000"])
+def test_a_post_wakes_a_waiter_in_another_process(spin_us, monkeypatch):
+    monkeypatch.setenv("HOTWEIGHTS_SPIN_US", spin_us)  # the child polls 2 ms before it sleeps
     db = Doorbell.create(2)
     q = mp.get_context("spawn").Queue()
     with spawned(_waiter, db.handle(), q, timeout=60):

@@ -113,6 +113,40 @@ def test_hashed_batches_in_flight_read_back_in_any_order(device):
         assert all(same(a, b) for a, b in zip(outs[j], srcs[j]))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("spin_us", ["0", "5000"])
+def test_cuda_batches_dropped_unread_leave_later_hashes_right(spin_us, monkeypatch):
+    """Note [Batch completion]: a batch's partial sums reach a pinned host block before its
+    event, and a batch dropped before it ended (an abandoned read-ahead) gives its block back
+    at once: the batches that reuse the blocks still read their own sums, with the engine's
+    wait polling first (5 ms) or sleeping at once (0)."""
+    import gc
+
+    monkeypatch.setenv("HOTWEIGHTS_SPIN_US", spin_us)
+    config.reset()
+    srcs = [_rand(n, torch.float32, "cuda", seed=n) for n in (5, 1 << 20, 3 << 20)]
+    buf = torch.empty(sum(t.numel() * 4 for t in srcs), dtype=torch.uint8, device="cuda")
+    offsets, off = [], 0
+    for t in srcs:
+        offsets.append(off)
+        buf[off:off + t.numel() * 4].copy_(t.view(torch.uint8))
+        off += t.numel() * 4
+    want = [ops.checksum(t) for t in srcs]
+    for round_ in range(3):
+        outs = [[torch.empty_like(t) for t in srcs] for _ in range(6)]
+        handles = [ops.scatter(buf, out, offsets, hash=True, async_op=True) for out in outs]
+        del handles[::2]  # dropped while queued: their pinned blocks go back to the pool
+        gc.collect()
+        more = [ops.scatter(buf, out, offsets, hash=True, async_op=True) for out in outs[:3]]
+        for h in handles + more:
+            parts = h.partials()
+            assert [ops.tensor_digest([p], t.numel() * 4) for p, t in zip(parts, srcs)] == want
+        assert all(same(a, b) for a, b in zip(outs[1], srcs))
+    with pytest.raises(ValueError, match="spin_ns=-1, expected 0..1e9"):
+        from hotweights import _C
+        _C.cuda.CudaCopyEngine(0, 2, 1 << 20, -1)
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_a_batch_outlives_its_engine(device):
     """ops.set_link_classifier drops the cached engines while batches may be in flight: a

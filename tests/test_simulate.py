@@ -30,10 +30,16 @@ def test_pipeline_math_by_hand():
     # window 1: each bucket waits for the previous one's release: 0.001 (publish) + 4 x 2.01
     assert p.stages["stream"] == pytest.approx(0.001 + 2.01 + 3 * 2.01)
     assert p.bottleneck.startswith("window (1 x")
+    # window 2: a bucket finishes at max(admitted + 2.01, the previous finish + 1.002) and is
+    # admitted when the one two before it finished: 2.01, 3.012, 4.02 (admitted at 2.01),
+    # 5.022 (admitted at 3.012)
     p2 = sim.simulate(toy(), 4e9, int(1e9), subscribers=1, window=2, tensors=4)
-    assert p2.stages["stream"] == pytest.approx(0.001 + 2.01 + 3 * 1.005)  # T_b / 2 > 1.002
+    assert p2.stages["stream"] == pytest.approx(0.001 + 5.022)
     pa = sim.simulate(toy(), 4e9, int(1e9), subscribers=1, tensors=4)  # adaptive
-    assert pa.window == 4  # ceil(2.01 / 1.002) + 1
+    # the real controller (base window 4, Vegas: at 4 in flight the service time doubles, a
+    # standing queue of ~2 buckets) runs the second update at 3, which keeps the pipe full:
+    # one bucket per interval after the first
+    assert pa.window == 3 and pa.window_mode.startswith("adaptive")
     assert pa.stages["stream"] == pytest.approx(0.001 + 2.01 + 3 * 1.002)
     assert pa.bottleneck == "gather (publisher copy)"
     assert pa.stages["manifest"] == pytest.approx(4.0)
@@ -41,13 +47,30 @@ def test_pipeline_math_by_hand():
     assert pa.stages["total"] == pytest.approx(sum(pa.stages[s] for s in ("manifest", "plan", "stream", "commit")))
 
 
+def test_the_adaptive_window_is_the_real_controllers():
+    """Window None runs _C.WindowController on the pipeline's service times: never faster than
+    the best fixed window, never slower than window 1, and the plan's bucket count is used
+    when given (whole tensors packed into buckets can take more than ceil(M / B))."""
+    t = toy()
+    fixed = [sim.simulate(t, 40e9, int(1e9), subscribers=1, window=w, tensors=40).stages["stream"]
+             for w in (1, 2, 3, 8)]
+    pa = sim.simulate(t, 40e9, int(1e9), subscribers=1, tensors=40)
+    assert min(fixed) - 1e-9 <= pa.stages["stream"] <= fixed[0] + 1e-9
+    assert 1 <= pa.window <= 8
+    p5 = sim.simulate(t, 4e9, int(1e9), subscribers=1, window=1, tensors=4, buckets=5)
+    assert p5.buckets == 5 and p5.stages["stream"] == pytest.approx(0.001 + 5 * (0.01 + 1.6))
+    with pytest.raises(ValueError, match="buckets=0: expected >= 1"):
+        sim.simulate(t, 4e9, int(1e9), buckets=0)
+
+
 def test_slowest_stage_bounds_throughput():
-    # scatter at half the gather rate: the subscriber side sets the interval
-    p = sim.simulate(toy(scatter_Bps=0.5e9), 8e9, int(1e9), subscribers=1, tensors=1)
+    # scatter at half the gather rate: the subscriber side sets the interval (a fixed window:
+    # with buckets of seconds the adaptive controller's 250 ms latency budget keeps it low)
+    p = sim.simulate(toy(scatter_Bps=0.5e9), 8e9, int(1e9), subscribers=1, tensors=1, window=8)
     assert p.bottleneck == "scatter (subscriber copy)"
     assert p.per_bucket["interval_s"] == pytest.approx(0.002 + 2.0)
     # a shared egress carrying 3 readers of 1e9 at 1 GB/s: 3 s per bucket
-    p = sim.simulate(toy(egress_Bps=1e9), 8e9, int(1e9), subscribers=3, tensors=1)
+    p = sim.simulate(toy(egress_Bps=1e9), 8e9, int(1e9), subscribers=3, tensors=1, window=8)
     assert p.bottleneck == "egress" and p.per_bucket["interval_s"] == pytest.approx(3.0)
     # tiny buckets: the fixed control cost dominates
     p = sim.simulate(toy(), 1e6, 1000, subscribers=1, tensors=1)
@@ -185,7 +208,8 @@ def test_process_cpu_seconds_bound_cpu_tables_only():
     g = sim.simulate(toy(**over), 1e6, 1000, subscribers=1, tensors=1)
     assert "resource_publisher process_s" not in g.per_bucket
     assert g.bottleneck == "per-bucket control"
-    assert g.per_bucket["interval_s"] == pytest.approx(0.002 + 1e-6)
+    assert g.per_bucket["resource_pipeline_s"] == pytest.approx(0.002 + 1e-6)
+    assert g.per_bucket["interval_s"] >= g.per_bucket["resource_pipeline_s"]  # + the window
     c = sim.simulate(toy(kind="cpu", cores=8, parallel_copy_Bps={"1": 1e9}, **over), 1e6, 1000,
                      subscribers=1, tensors=1)
     assert c.per_bucket["resource_publisher process_s"] == pytest.approx(0.005 + 1e-6)

@@ -257,11 +257,12 @@ PYBIND11_MODULE(_C, m) {
       .def("add32", [](hw::ShmRegion& r, size_t off, uint32_t v) {
         return hw::atomic_add32(region_word(r, off, 4), v);
       }, py::arg("offset"), py::arg("value"))
-      .def("wait32", [](hw::ShmRegion& r, size_t off, uint32_t expected, double timeout_s) {
+      .def("wait32", [](hw::ShmRegion& r, size_t off, uint32_t expected, double timeout_s,
+                        double spin_s) {
         void* p = region_word(r, off, 4);
         py::gil_scoped_release nogil;
-        return hw::futex_wait32(p, expected, timeout_s);
-      }, py::arg("offset"), py::arg("expected"), py::arg("timeout_s"))
+        return hw::futex_wait32(p, expected, timeout_s, spin_s);
+      }, py::arg("offset"), py::arg("expected"), py::arg("timeout_s"), py::arg("spin_s") = 0.0)
       .def("wake32", [](hw::ShmRegion& r, size_t off, int n) {
         return hw::futex_wake32(region_word(r, off, 4), n);
       }, py::arg("offset"), py::arg("n") = std::numeric_limits<int>::max())
@@ -377,8 +378,8 @@ PYBIND11_MODULE(_C, m) {
         return b.hashes();
       });
   py::class_<hc::CudaCopyEngine, std::shared_ptr<hc::CudaCopyEngine>>(c, "CudaCopyEngine")
-      .def(py::init<int, int, size_t>(), py::arg("device"), py::arg("streams"),
-           py::arg("chunk_bytes"))
+      .def(py::init<int, int, size_t, int64_t>(), py::arg("device"), py::arg("streams"),
+           py::arg("chunk_bytes"), py::arg("spin_ns") = 0)
       .def_property_readonly("device", &hc::CudaCopyEngine::device)
       .def_property_readonly("streams", &hc::CudaCopyEngine::streams)
       .def("submit", [](hc::CudaCopyEngine& e, const U64Array& dst, const U64Array& src,

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/doorbell.h"
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <ctime>
 
@@ -14,6 +16,16 @@
 #include "core/common.h"
 
 namespace hw {
+
+namespace {
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+}  // namespace
 
 uint64_t atomic_load64(const void* p) {
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -49,9 +61,23 @@ uint32_t atomic_add32(void* p, uint32_t v) {
 }
 
 #if defined(__linux__)
-bool futex_wait32(void* p, uint32_t expected, double timeout_s) {
+bool futex_wait32(void* p, uint32_t expected, double timeout_s, double spin_s) {
   HW_CHECK_ARG(std::isfinite(timeout_s) && timeout_s >= 0 && timeout_s <= 86400.0, "futex_wait32: timeout_s=", timeout_s,
            ", expected seconds in [0, 86400]");
+  HW_CHECK_ARG(std::isfinite(spin_s) && spin_s >= 0 && spin_s <= 1.0, "futex_wait32: spin_s=",
+               spin_s, ", expected seconds in [0, 1]");
+  if (spin_s > 0) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto spin = std::chrono::duration<double>(std::min(spin_s, timeout_s));
+    do {
+      for (int i = 0; i < 64; ++i) {  // a few microseconds between clock reads
+        if (atomic_load32(p) != expected) return true;
+        cpu_relax();
+      }
+    } while (std::chrono::steady_clock::now() - t0 < spin);
+    timeout_s = std::max(0.0, timeout_s - std::chrono::duration<double>(
+                                              std::chrono::steady_clock::now() - t0).count());
+  }
   struct timespec ts;
   ts.tv_sec = static_cast<time_t>(timeout_s);
   ts.tv_nsec = static_cast<long>((timeout_s - static_cast<double>(ts.tv_sec)) * 1e9);

@@ -20,8 +20,11 @@ uint32_t atomic_add32(void* p, uint32_t v);  // returns the old value
 
 /// Sleeps while the 32-bit word at p still holds `expected`, for at most timeout_s seconds
 /// (futex, shared between processes). True when woken or the word had already changed,
-/// false on timeout. Spurious wake-ups return true: callers re-read the word.
-bool futex_wait32(void* p, uint32_t expected, double timeout_s);
+/// false on timeout. Spurious wake-ups return true: callers re-read the word. With spin_s > 0
+/// it first re-reads the word for up to that long (part of the timeout) before it sleeps: a
+/// futex wake-up reaches a sleeping thread tens of microseconds late (more on a VM), longer
+/// than a doorbell post takes to be answered on a host with cores to spare.
+bool futex_wait32(void* p, uint32_t expected, double timeout_s, double spin_s = 0.0);
 /// Wakes up to n waiters on the word at p; returns how many were woken.
 int futex_wake32(void* p, int n);
 

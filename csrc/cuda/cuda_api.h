@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -56,19 +57,33 @@ void launch_finalize(const uint64_t* acc, const uint64_t* nbytes, uint64_t* out,
 void checksum_many(const void* const* ptrs, const uint64_t* sizes, size_t n, uint64_t* out,
                    void* stream);
 
-/// A copy engine's streams, shared with every batch it submits: a batch may outlive its engine
-/// (ops.set_link_classifier clears the engine cache) and still reads its hashes back and frees
-/// its accumulators on them. Destroyed with the last owner.
+/// A copy engine's streams and its pinned host blocks for hash read-backs, shared with every
+/// batch it submits: a batch may outlive its engine (ops.set_link_classifier clears the engine
+/// cache) and still returns its block here and frees its accumulators on work[0]. Destroyed
+/// with the last owner.
 struct CudaStreams {
-  std::vector<void*> work;   // cudaStream_t: the copies
-  void* readback = nullptr;  // cudaStream_t: hash read-backs only (CudaBatch::hashes)
+  std::vector<void*> work;  // cudaStream_t: the copies
   CudaStreams() = default;
   CudaStreams(const CudaStreams&) = delete;
   CudaStreams& operator=(const CudaStreams&) = delete;
   ~CudaStreams();
+  /// A pinned host block of at least `bytes` (power-of-two classes, reused).
+  void* take_pinned(size_t bytes, size_t* cls);
+  void give_pinned(void* p, size_t cls);
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<size_t, void*>> pinned_;  // free blocks (class, pointer)
 };
 
-/// Completion of an asynchronous CUDA batch (a recorded event on the caller's stream).
+// Note [Batch completion]
+// A batch ends with a BlockingSync event recorded on the caller's stream after its copies
+// and, when it hashes, after a copy of its accumulators into a pinned host block queued on
+// the same stream as the kernel: once the event has fired the partial sums are on the host,
+// with no second synchronization. wait() first polls the event for up to the engine's
+// spin_ns (HOTWEIGHTS_SPIN_US): a bucket's copy is over in tens to hundreds of microseconds,
+// and a thread woken from cudaEventSynchronize's sleep, on a VM above all, arrives late by
+// about as much; then it sleeps in the driver (no core spins through a long copy).
 class CudaBatch {
  public:
   ~CudaBatch();
@@ -84,10 +99,12 @@ class CudaBatch {
   int device_ = 0;
   void* event_ = nullptr;   // cudaEvent_t
   void* stream_ = nullptr;  // the stream that owns acc_ (freed stream-ordered)
-  void* readback_ = nullptr;  // the engine's stream for reading acc_ back (see hashes())
-  std::shared_ptr<CudaStreams> streams_owner_;  // keeps stream_ and readback_ alive
+  std::shared_ptr<CudaStreams> streams_owner_;  // keeps stream_ and the pinned pool alive
   uint64_t* acc_ = nullptr;
+  uint64_t* host_ = nullptr;  // pinned: acc_ copied here before event_ (Note [Batch completion])
+  size_t host_cls_ = 0;
   size_t num_hashes_ = 0;
+  int64_t spin_ns_ = 0;
 };
 
 // Note [Stream ordering]
@@ -100,7 +117,8 @@ class CudaBatch {
 // copies and many small copies go to one batched kernel launch.
 class CudaCopyEngine {
  public:
-  CudaCopyEngine(int device, int streams, size_t chunk_bytes);
+  /// spin_ns: how long a batch's wait() polls before it sleeps (Note [Batch completion]).
+  CudaCopyEngine(int device, int streams, size_t chunk_bytes, int64_t spin_ns = 0);
   ~CudaCopyEngine();
   /// kernel_ok: every pointer is device-accessible (device or peer memory), so the batched
   /// kernel may be used; otherwise only cudaMemcpyAsync is used and hashing is refused.
@@ -112,6 +130,7 @@ class CudaCopyEngine {
  private:
   int device_;
   size_t chunk_bytes_;
+  int64_t spin_ns_;
   std::shared_ptr<CudaStreams> streams_;
 };
 

@@ -109,6 +109,10 @@ int device_from_uuid(const std::string& uuid16) {
 CudaBatch::~CudaBatch() {
   // Destructors never throw: errors here can only be reported, not handled.
   if (acc_) cudaFreeAsync(acc_, static_cast<cudaStream_t>(stream_));
+  // The block may be reused at once: a batch dropped before it ended still has its read-back
+  // queued on stream_, and every later use of a block of this pool queues its own read-back
+  // on the same stream, after it.
+  if (host_) streams_owner_->give_pinned(host_, host_cls_);
   if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
 }
 
@@ -120,19 +124,20 @@ bool CudaBatch::done() const {
 }
 
 bool CudaBatch::wait(double timeout_s) {
+  // Note [Batch completion]: poll for up to spin_ns_ first.
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto spin = std::chrono::nanoseconds(spin_ns_);
+  while (std::chrono::steady_clock::now() - t0 < spin)
+    if (done()) return true;
   // No deadline (every bucket's partial sums): block in the driver until the batch's event
-  // (a BlockingSync event: the thread sleeps, no core spins) and wake when it completes. The
-  // sleep-poll this replaces backed off to 500 us between polls, and on a VM each sleep also
-  // overshoots: a bucket whose copy took 0.1-0.5 ms could be seen done a few hundred
-  // microseconds late, on both sides of every bucket, while the harness's 4 KiB buckets
-  // (done before the first poll) never paid it.
+  // (a BlockingSync event: the thread sleeps, no core spins). The sleep-poll this replaced
+  // backed off to 500 us between polls, and on a VM each sleep also overshoots.
   if (timeout_s < 0) {
     HW_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
     return true;
   }
   // With a deadline (no timed event wait exists): poll every 50 us for the first 2 ms, then
   // back off to 1 ms (a drain may wait minutes on a stuck copy).
-  const auto t0 = std::chrono::steady_clock::now();
   auto sleep = std::chrono::microseconds(50);
   while (!done()) {
     const double waited =
@@ -145,28 +150,21 @@ bool CudaBatch::wait(double timeout_s) {
 }
 
 std::vector<uint64_t> CudaBatch::hashes() {
-  std::vector<uint64_t> out(num_hashes_);
-  if (num_hashes_ == 0) return out;
-  DeviceGuard g(device_);
-  HW_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
-  // The batch is done, so acc_ is final. Read it back on the engine's read-back stream (non-
-  // blocking, nothing else queued there): on the batch's own stream the copy would queue
-  // behind every batch submitted after this one (a subscriber's read-ahead), and a plain
-  // cudaMemcpy runs on the legacy default stream, behind whatever is queued there (a model's
-  // forward, say). acc_ is freed on stream_ only when the batch is destroyed, after this.
-  auto s = static_cast<cudaStream_t>(readback_ ? readback_ : stream_);
-  HW_CUDA_CHECK(cudaMemcpyAsync(out.data(), acc_, num_hashes_ * sizeof(uint64_t),
-                                cudaMemcpyDeviceToHost, s));
-  HW_CUDA_CHECK(cudaStreamSynchronize(s));
-  return out;
+  // The batch's accumulators were copied into host_ before its event (Note [Batch
+  // completion]): once the event fired they are final here, with no read-back to queue (on
+  // the batch's own stream a read-back would wait behind every batch submitted after it).
+  wait(-1.0);
+  return std::vector<uint64_t>(host_, host_ + num_hashes_);
 }
 
-CudaCopyEngine::CudaCopyEngine(int device, int streams, size_t chunk_bytes)
-    : device_(device), chunk_bytes_(chunk_bytes) {
+CudaCopyEngine::CudaCopyEngine(int device, int streams, size_t chunk_bytes, int64_t spin_ns)
+    : device_(device), chunk_bytes_(chunk_bytes), spin_ns_(spin_ns) {
   HW_CHECK_ARG(streams >= 1 && streams <= 32, "CudaCopyEngine: streams=", streams,
                ", expected 1..32");
   HW_CHECK_ARG(chunk_bytes >= 4096 && chunk_bytes % 256 == 0, "CudaCopyEngine: chunk_bytes=",
                chunk_bytes, ", expected a multiple of 256 of at least 4096");
+  HW_CHECK_ARG(spin_ns >= 0 && spin_ns <= 1000000000, "CudaCopyEngine: spin_ns=", spin_ns,
+               ", expected 0..1e9 (at most a second)");
   DeviceGuard g(device);
   auto set = std::make_shared<CudaStreams>();  // destroys what it holds if a create throws
   for (int i = 0; i < streams; ++i) {
@@ -174,9 +172,6 @@ CudaCopyEngine::CudaCopyEngine(int device, int streams, size_t chunk_bytes)
     HW_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     set->work.push_back(s);
   }
-  cudaStream_t rb;
-  HW_CUDA_CHECK(cudaStreamCreateWithFlags(&rb, cudaStreamNonBlocking));
-  set->readback = rb;
   streams_ = std::move(set);
 }
 
@@ -184,8 +179,35 @@ CudaCopyEngine::~CudaCopyEngine() = default;  // the streams go with their last 
 
 CudaStreams::~CudaStreams() {
   // Never throws (a destructor); at interpreter exit the runtime may already be unloading.
+  // The last owner is a batch or the engine, after every batch of the pool was destroyed;
+  // a dropped batch's read-back may still be queued: synchronize before the blocks go.
+  for (void* s : work) cudaStreamSynchronize(static_cast<cudaStream_t>(s));
+  for (auto& b : pinned_) cudaFreeHost(b.second);
   for (void* s : work) cudaStreamDestroy(static_cast<cudaStream_t>(s));
-  if (readback) cudaStreamDestroy(static_cast<cudaStream_t>(readback));
+}
+
+void* CudaStreams::take_pinned(size_t bytes, size_t* cls) {
+  size_t c = 4096;
+  while (c < bytes) c <<= 1;
+  *cls = c;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < pinned_.size(); ++i)
+      if (pinned_[i].first == c) {
+        void* p = pinned_[i].second;
+        pinned_[i] = pinned_.back();
+        pinned_.pop_back();
+        return p;
+      }
+  }
+  void* p = nullptr;
+  HW_CUDA_CHECK(cudaHostAlloc(&p, c, cudaHostAllocDefault));
+  return p;
+}
+
+void CudaStreams::give_pinned(void* p, size_t cls) {
+  std::lock_guard<std::mutex> lock(mu_);
+  pinned_.emplace_back(cls, p);
 }
 
 std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& items,
@@ -204,24 +226,16 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
   auto caller = static_cast<cudaStream_t>(caller_stream_);
   const auto& work = streams_->work;
   auto s0 = static_cast<cudaStream_t>(work[0]);
-  cudaEvent_t fork;
-  HW_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
-  HW_CUDA_CHECK(cudaEventRecord(fork, caller));
-  for (void* s : work) HW_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(s), fork, 0));
-  HW_CUDA_CHECK(cudaEventDestroy(fork));  // released once its pending uses are done
-
-  auto batch = std::shared_ptr<CudaBatch>(new CudaBatch());
-  batch->device_ = device_;
-  batch->stream_ = s0;
-  batch->readback_ = streams_->readback;
-  batch->streams_owner_ = streams_;  // the batch may outlive this engine
-  batch->num_hashes_ = num_hashes;
-  if (num_hashes) {
-    HW_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&batch->acc_),
-                                  num_hashes * sizeof(uint64_t), s0));
-    HW_CUDA_CHECK(cudaMemsetAsync(batch->acc_, 0, num_hashes * sizeof(uint64_t), s0));
-  }
+  // Plan first, so that only the streams that get work fork from the caller and join it
+  // (a hashed bucket is one kernel on work[0]: one fork and one join, not one per stream).
+  struct Chunk {
+    void* dst;
+    const void* src;
+    uint64_t nbytes;
+    size_t stream;
+  };
   std::vector<CopyDesc> kernel_items;
+  std::vector<Chunk> chunks;
   size_t rr = 0;
   for (const auto& it : items) {
     if (it.nbytes == 0) continue;
@@ -229,20 +243,47 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
       kernel_items.push_back(it);
       continue;
     }
-    for (uint64_t off = 0; off < it.nbytes; off += chunk_bytes_) {
-      const uint64_t len = std::min<uint64_t>(chunk_bytes_, it.nbytes - off);
-      auto s = static_cast<cudaStream_t>(work[rr++ % work.size()]);
-      HW_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(it.dst) + off,
-                                    static_cast<const char*>(it.src) + off, len, cudaMemcpyDefault,
-                                    s));
-    }
+    for (uint64_t off = 0; off < it.nbytes; off += chunk_bytes_)
+      chunks.push_back({static_cast<char*>(it.dst) + off, static_cast<const char*>(it.src) + off,
+                        std::min<uint64_t>(chunk_bytes_, it.nbytes - off), rr++ % work.size()});
   }
+  std::vector<char> used(work.size(), 0);
+  if (num_hashes || !kernel_items.empty()) used[0] = 1;
+  for (const auto& c : chunks) used[c.stream] = 1;
+
+  auto batch = std::shared_ptr<CudaBatch>(new CudaBatch());
+  batch->device_ = device_;
+  batch->stream_ = s0;
+  batch->streams_owner_ = streams_;  // the batch may outlive this engine
+  batch->num_hashes_ = num_hashes;
+  batch->spin_ns_ = spin_ns_;
+  if (num_hashes)
+    batch->host_ = static_cast<uint64_t*>(
+        streams_->take_pinned(num_hashes * sizeof(uint64_t), &batch->host_cls_));
+  cudaEvent_t fork;
+  HW_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+  HW_CUDA_CHECK(cudaEventRecord(fork, caller));
+  for (size_t i = 0; i < work.size(); ++i)
+    if (used[i]) HW_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(work[i]), fork, 0));
+  HW_CUDA_CHECK(cudaEventDestroy(fork));  // released once its pending uses are done
+  if (num_hashes) {
+    HW_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&batch->acc_),
+                                  num_hashes * sizeof(uint64_t), s0));
+    HW_CUDA_CHECK(cudaMemsetAsync(batch->acc_, 0, num_hashes * sizeof(uint64_t), s0));
+  }
+  for (const auto& c : chunks)
+    HW_CUDA_CHECK(cudaMemcpyAsync(c.dst, c.src, c.nbytes, cudaMemcpyDefault,
+                                  static_cast<cudaStream_t>(work[c.stream])));
   if (!kernel_items.empty())
     launch_batched_copy(kernel_items.data(), kernel_items.size(), batch->acc_, s0);
-  for (void* sv : work) {
+  if (num_hashes)  // Note [Batch completion]: the partial sums reach the host before the event
+    HW_CUDA_CHECK(cudaMemcpyAsync(batch->host_, batch->acc_, num_hashes * sizeof(uint64_t),
+                                  cudaMemcpyDeviceToHost, s0));
+  for (size_t i = 0; i < work.size(); ++i) {
+    if (!used[i]) continue;
     cudaEvent_t join;
     HW_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
-    HW_CUDA_CHECK(cudaEventRecord(join, static_cast<cudaStream_t>(sv)));
+    HW_CUDA_CHECK(cudaEventRecord(join, static_cast<cudaStream_t>(work[i])));
     HW_CUDA_CHECK(cudaStreamWaitEvent(caller, join, 0));
     HW_CUDA_CHECK(cudaEventDestroy(join));
   }
