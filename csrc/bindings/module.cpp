@@ -157,6 +157,7 @@ py::dict estimates_dict(const hw::WindowEstimates& e) {
   py::dict d;
   d["t_min_s"] = e.t_min_s;
   d["t_ewma_s"] = e.t_ewma_s;
+  d["t_dev_s"] = e.t_dev_s;
   d["bandwidth_Bps"] = e.bandwidth_Bps;
   d["queue_buckets"] = e.queue_buckets;
   d["congestion"] = e.congestion;
@@ -276,7 +277,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<hw::WindowController>(m, "WindowController")
       .def(py::init([](int base, int64_t byte_cap, bool adapt, int min_window, int max_window,
                        double target_s, double alpha, double beta, int history_rounds,
-                       int probe_every_rounds) {
+                       int probe_every_rounds, double dev_allowance) {
              hw::WindowConfig c;
              c.base = base;
              c.byte_cap = byte_cap;
@@ -288,12 +289,13 @@ PYBIND11_MODULE(_C, m) {
              c.beta = beta;
              c.history_rounds = history_rounds;
              c.probe_every_rounds = probe_every_rounds;
+             c.dev_allowance = dev_allowance;
              return new hw::WindowController(c);
            }),
            py::arg("base") = 4, py::arg("byte_cap") = 0, py::arg("adapt") = true,
            py::arg("min_window") = 1, py::arg("max_window") = 16, py::arg("target_s") = 0.25,
            py::arg("alpha") = 0.5, py::arg("beta") = 1.5, py::arg("history_rounds") = 10,
-           py::arg("probe_every_rounds") = 30)
+           py::arg("probe_every_rounds") = 30, py::arg("dev_allowance") = 1.0)
       .def("can_admit", &hw::WindowController::can_admit, py::arg("inflight_buckets"),
            py::arg("inflight_bytes"), py::arg("next_bytes"))
       .def("on_complete", &hw::WindowController::on_complete, py::arg("now_s"),

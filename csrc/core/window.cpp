@@ -24,6 +24,8 @@ WindowController::WindowController(const WindowConfig& cfg) : cfg_(cfg) {
                " beta=", cfg.beta, ", expected 0 <= alpha < beta");
   HW_CHECK_ARG(cfg.history_rounds >= 1, "WindowController: history_rounds=",
                cfg.history_rounds, ", expected >= 1");
+  HW_CHECK_ARG(cfg.dev_allowance >= 0 && std::isfinite(cfg.dev_allowance),
+               "WindowController: dev_allowance=", cfg.dev_allowance, ", expected >= 0");
   HW_CHECK_ARG(cfg.probe_every_rounds >= 0, "WindowController: probe_every_rounds=",
                cfg.probe_every_rounds, ", expected >= 0");
   window_ = std::clamp(cfg.base, cfg.min_window, cfg.max_window);
@@ -81,8 +83,14 @@ void WindowController::on_complete(double now_s, double service_s, int64_t bytes
   s_max_ = std::max(s_max_, b);
   // Probe and refill rounds are not representative of the steady queue: they feed T_min and
   // the rate history but not the smoothed latency that the decisions compare against T_min.
-  if (!probing_ && settle_rounds_ == 0)
-    est_.t_ewma_s = est_.t_ewma_s == 0 ? service_s : est_.t_ewma_s + (service_s - est_.t_ewma_s) / 8;
+  if (!probing_ && settle_rounds_ == 0) {
+    if (est_.t_ewma_s == 0) {
+      est_.t_ewma_s = service_s;
+    } else {  // TCP's SRTT / RTTVAR: the deviation first, against the mean before this sample
+      est_.t_dev_s += (std::abs(service_s - est_.t_ewma_s) - est_.t_dev_s) / 4;
+      est_.t_ewma_s += (service_s - est_.t_ewma_s) / 8;
+    }
+  }
   if (probing_) {
     // A probe first drains the buckets admitted before it, then measures min_window
     // unloaded ones; only then is its minimum a fresh no-load latency.
@@ -117,7 +125,11 @@ double WindowController::close_round(double now_s, bool probe) {
   round_bytes_ = 0;
   round_start_s_ = now_s;
   round_min_s_ = -1;
-  const double ratio = est_.t_ewma_s > 0 ? est_.t_min_s / est_.t_ewma_s : 1.0;
+  // Latency above T_min within the service time's own spread is not evidence of a queue:
+  // on a jittery pipeline T_min is its luckiest bucket, and the plain Vegas estimate saw a
+  // standing queue at any window that kept the pipe full
+  const double base = est_.t_min_s + cfg_.dev_allowance * est_.t_dev_s;
+  const double ratio = est_.t_ewma_s > 0 ? std::min(1.0, base / est_.t_ewma_s) : 1.0;
   est_.congestion = std::clamp(1.0 - ratio, 0.0, 1.0);
   est_.queue_buckets = window_ * est_.congestion;
   return rate;
