@@ -144,9 +144,19 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.mib, a.bucket_mib, a.reps = 16, [1], 1
+    if a.compare == "spin":
+        from hotweights import config as _config
+
+        spin_us = _config.get().spin_s * 1e6
+        print(f"HOTWEIGHTS_SPIN_US resolves to {spin_us:g} us here, against 0", flush=True)
+        if spin_us == 0:
+            print("both variants sleep at once on this host (auto spins only on 8+ cores): "
+                  "set HOTWEIGHTS_SPIN_US to compare", flush=True)
     rows = overhead(a.device, 1 if a.quick else 3, a.compare)
     rows += updates(a.device, a.mib, a.bucket_mib, a.reps, a.compare)
     (col_a, _, _), (col_b, _, _) = COMPARE[a.compare]
+    if a.compare == "spin":
+        rows.insert(0, {"case": "HOTWEIGHTS_SPIN_US (us)", col_a: spin_us, col_b: 0.0})
     finish("bench_doorbell", rows, ["case", col_a, col_b, "ratio", "doorbell acks"], a.out)
 
 

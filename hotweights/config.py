@@ -10,6 +10,7 @@ the value and what was expected. ``settings()`` lists them all (the README table
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -100,12 +101,22 @@ def _spin(s: str) -> int | str:
 SPIN_AUTO_US, SPIN_AUTO_MIN_CORES = 100, 8
 
 
+@functools.lru_cache(maxsize=1)
 def _cores() -> int:
-    """Cores this process may run on (its affinity), else the machine's."""
+    """Cores this process may use: its affinity, lowered by a cgroup v2 CPU quota (a container
+    limited to 2 CPUs on a 128-core host has 2), read once."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def _choice(*options: str) -> Callable[[str], str]:

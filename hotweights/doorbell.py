@@ -99,7 +99,7 @@ class Doorbell:
     """One publisher session's doorbell (see Note [Doorbell]). ``Doorbell.create(slots)`` in
     the publisher, ``Doorbell.open(handle)`` in each subscriber process."""
 
-    def __init__(self, region, slots: int, owner: bool):
+    def __init__(self, region, slots: int, owner: bool, spin_s: float | None = None):
         self._r = region
         self.slots = slots
         self.owner = owner
@@ -115,23 +115,24 @@ class Doorbell:
             self._records_at:self._acks_at].reshape(slots, _RECORD)[:, _R_HID:_R_HID + 16]
         self.lane: int | None = None  # a subscriber's, once claimed
         self._pid = os.getpid()
-        self._spin_s = _config.get().spin_s  # poll this long before a futex sleep
+        # poll this long before a futex sleep (HOTWEIGHTS_SPIN_US of the caller's config)
+        self._spin_s = _config.get().spin_s if spin_s is None else float(spin_s)
 
     # ------------------------------------------------------------------ both ends
 
     @classmethod
-    def create(cls, slots: int) -> "Doorbell":
+    def create(cls, slots: int, spin_s: float | None = None) -> "Doorbell":
         if not isinstance(slots, int) or not 1 <= slots <= 1024:
             raise ValueError(f"Doorbell: slots={slots!r}, expected 1..1024 (a ring's slots)")
         region = _C.ShmRegion.create(_layout(slots)[2], "doorbell")
-        db = cls(region, slots, owner=True)
+        db = cls(region, slots, owner=True, spin_s=spin_s)
         region.store64(_H_SLOTS, slots)
         region.store64(_H_LANES, LANES)
         region.store64(_H_MAGIC, _MAGIC)
         return db
 
     @classmethod
-    def open(cls, handle: bytes) -> "Doorbell":
+    def open(cls, handle: bytes, spin_s: float | None = None) -> "Doorbell":
         try:
             info = msgpack.unpackb(bytes(handle), raw=False)
         except Exception as e:
@@ -149,7 +150,7 @@ class Doorbell:
             raise DoorbellError(f"doorbell region's header (magic {got[0]:#x}, {got[1]} slots, "
                                 f"{got[2]} lanes) does not match its handle (magic {_MAGIC:#x}, "
                                 f"{info['slots']} slots, {LANES} lanes)")
-        return cls(region, info["slots"], owner=False)
+        return cls(region, info["slots"], owner=False, spin_s=spin_s)
 
     def handle(self) -> bytes:
         return msgpack.packb({"magic": _HANDLE_MAGIC, "slots": self.slots,

@@ -211,7 +211,7 @@ def _engine(kind: str, device: int, chunk_bytes: int, streams: int, spin_ns: int
 def _cuda_engine(device: int, st: CopySettings):
     """The CUDA engine for ``device`` with these settings; its batches poll for
     HOTWEIGHTS_SPIN_US before they sleep (Note [Batch completion] in csrc/cuda/cuda_api.h)."""
-    return _engine("cuda", device, st.chunk_bytes, st.streams, int(_config.get().spin_s * 1e9))
+    return _engine("cuda", device, st.chunk_bytes, st.streams, round(_config.get().spin_s * 1e9))
 
 
 class CopyHandle:

@@ -320,7 +320,8 @@ class Publisher:
             name, self.window, target_s=self.cfg.ipc_target_bucket_ms / 1000.0,
             max_window=min(self.cfg.ipc_max_inflight, self.slots))
         # same-node per-bucket control in shared memory (Note [Doorbell])
-        self.doorbell = Doorbell.create(self.slots) if self.cfg.doorbell else None
+        self.doorbell = (Doorbell.create(self.slots, spin_s=self.cfg.spin_s) if self.cfg.doorbell
+                         else None)
         self._capabilities = {"ring": self.ring.handle(), "ring_id": self.ring.id,
                               "slot_bytes": self.bucket_bytes, "slots": self.slots,
                               "device": str(self.device), "pid": _pid(), "rank": self.launch.rank}
@@ -1710,7 +1711,7 @@ class Subscriber:
         if handle is None or not self.cfg.doorbell:
             return
         try:
-            db = Doorbell.open(handle)
+            db = Doorbell.open(handle, spin_s=self.cfg.spin_s)
         except DoorbellError as e:
             log.info("subscriber %s: no doorbell for %s: %s", self.name, publisher_id, e)
             return

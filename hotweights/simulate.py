@@ -66,6 +66,7 @@ without them uses the ring's (noted).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -201,7 +202,7 @@ class Prediction:
     buckets: int
     subscribers: int
     tensors: int
-    window: int
+    window: float                   # fixed, or the adaptive controller's mean over the update
     window_mode: str
     stages: dict[str, float]        # manifest, plan, stream, commit, total (comparable to PublishResult.timings)
     busy: dict[str, float]          # resource busy times during the stream
@@ -237,20 +238,23 @@ def _pipeline(n: int, nbytes: float, t_b: float, interval: float, window: int | 
     at most one bucket per ``interval`` (its slowest resource): a bucket admitted at t finishes
     at max(t + t_b, the previous finish + interval). At most ``window`` buckets are in flight;
     ``window`` None admits as the real adaptive controller (_C.WindowController with the
-    publisher's settings) decides, fed the service times this produces (admission to finish),
-    over ``versions`` updates in a row. Returns (the last update's streaming time, the mean
-    window its buckets were admitted at)."""
+    publisher's default base window 4 and 250 ms target) decides, fed the service times this
+    produces (admission to finish, clamped like the publisher's), over ``versions`` updates in
+    a row. Returns (the last update's streaming time, the mean window its buckets were
+    admitted at). Finishes are in admission order, so the oldest in flight finishes first."""
     from . import _C
 
+    if versions < 1:
+        raise ValueError(f"simulate: versions={versions!r}: expected >= 1")
     ctl = None
     if window is None:
         ctl = _C.WindowController(base=min(4, max_window), min_window=min_window,
                                   max_window=max_window, target_s=0.25)
-    now = 0.0
+    now, stream, w_sum = 0.0, 0.0, 0
     for _ in range(versions if ctl is not None else 1):
         if ctl is not None:
             ctl.on_start(now)
-        start, flight, last, admitted, w_sum, done = now, [], -math.inf, 0, 0, 0
+        start, flight, last, admitted, w_sum, done = now, collections.deque(), -math.inf, 0, 0, 0
         while done < n:
             w = window if ctl is None else ctl.current
             while admitted < n and len(flight) < w:
@@ -258,11 +262,11 @@ def _pipeline(n: int, nbytes: float, t_b: float, interval: float, window: int | 
                 flight.append((now, last))
                 admitted += 1
                 w_sum += w
-            t0, t1 = flight.pop(0)
+            t0, t1 = flight.popleft()
             now = max(now, t1)
             done += 1
             if ctl is not None:
-                ctl.on_complete(now, t1 - t0, int(nbytes))
+                ctl.on_complete(now, max(t1 - t0, 1e-9), max(int(nbytes), 1))
         stream = now - start
     return stream, w_sum / n
 
@@ -381,14 +385,16 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
     if direct:  # no slots: every bucket is posted at once
         w_run, mode = n, "direct reads (no window)"
     elif window is None:
-        w_run, mode = None, f"adaptive (the controller in [{min_window}, {min(max_window, slots)}])"
+        w_run = None
+        mode = f"adaptive (the controller in [{min(min_window, slots)}, {min(max_window, slots)}])"
     else:
         w_run, mode = int(window), "fixed"
-    pipe, w = _pipeline(n, b_eff, t_b, res_interval, w_run, min_window=min_window,
+    pipe, w = _pipeline(n, b_eff, t_b, res_interval, w_run, min_window=min(min_window, slots),
                         max_window=min(max_window, slots), versions=versions)
     interval = (pipe - t_b) / (n - 1) if n > 1 else res_interval
+    # the window limits when it holds fewer buckets than a bucket's latency spans intervals
     bottleneck = (f"window ({w:.3g} x {b_eff / 2**20:.3g} MiB in flight)"
-                  if interval > res_interval * 1.05 else res_name)
+                  if w < t_b / res_interval else res_name)
     if bottleneck == "pipeline":
         bottleneck = ("per-bucket control" if i0 > max(t_g, t_s) else
                       "gather (publisher copy)" if t_g >= t_s else "scatter (subscriber copy)")
@@ -426,7 +432,7 @@ def render(preds: Sequence[Prediction], table: Mapping[str, Any]) -> str:
         s = p.stages
         mode = ("fixed" if p.window_mode == "fixed" else "direct" if p.window_mode.startswith("direct")
                 else "adaptive")
-        rows.append([f"{p.bucket_bytes / 2**20:g} MiB", f"{p.window} ({mode})",
+        rows.append([f"{p.bucket_bytes / 2**20:g} MiB", f"{p.window:g} ({mode})",
                      str(p.subscribers), _fmt_s(s["manifest"]), _fmt_s(s["plan"]), _fmt_s(s["stream"]),
                      _fmt_s(s["commit"]), _fmt_s(s["total"]), p.bottleneck,
                      f"{p.model_bytes / s['total'] / 1e9:.3g}"])

@@ -61,11 +61,19 @@ def test_a_spinning_wait_polls_then_sleeps_and_keeps_its_timeout():
     t0 = time.monotonic()
     assert not r.wait32(64, 0, 0.01, 0.5)  # a spin longer than the timeout stops at it
     assert time.monotonic() - t0 < 5.0
-    # a store during the spin (no wake call at all) is seen by the polling waiter
-    threading.Timer(0.01, lambda: r.add32(64, 1)).start()
-    t0 = time.monotonic()
-    assert r.wait32(64, 0, 30.0, 0.5) and r.load32(64) == 1
-    assert time.monotonic() - t0 < 5.0
+    # a store during the spin, with no wake call until 10 s later, is seen by the polling
+    # waiter (the late wake only keeps a waiter that slept from hanging the test)
+    store = threading.Timer(0.01, lambda: r.add32(64, 1))
+    wake = threading.Timer(10.0, lambda: r.wake32(64))
+    store.start()
+    wake.start()
+    try:
+        t0 = time.monotonic()
+        assert r.wait32(64, 0, 30.0, 1.0) and r.load32(64) == 1
+        assert time.monotonic() - t0 < 9.0
+    finally:
+        store.cancel()
+        wake.cancel()
     for bad in (-1.0, 2.0, float("nan")):
         with pytest.raises(ValueError, match="spin_s=.*expected seconds in \\[0, 1\\]"):
             r.wait32(64, 1, 0.1, bad)

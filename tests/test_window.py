@@ -279,3 +279,14 @@ def test_jitter_is_not_read_as_a_queue(jitter):
     if jitter == 1.0:
         assert plain > 1.15 * best and t < 0.9 * plain
         assert sum(trace) / len(trace) > sum(plain_trace) / len(plain_trace) + 1
+
+
+def test_short_versions_without_jitter_still_come_down_to_the_knee():
+    """The deviation allowance must not hide a real queue: 17-bucket versions on a plain pipe
+    of ~3 buckets, started at a window of 16 of 32, end near the knee (each version's ramp
+    from an empty pipe spreads the service times by about the queue it builds)."""
+    ctl, t, trace = make(base=16, max_window=32), 0.0, []
+    link = Link(0.002, MB / 1e-3)  # 2 ms latency, 1 ms per bucket: 3 buckets fill the pipe
+    for _ in range(200):
+        t, _ = run(ctl, link, 17, t0=t + 0.003, trace=trace, start=True)
+    assert max(trace[len(trace) // 2:]) <= 6

@@ -124,9 +124,11 @@ bool CudaBatch::done() const {
 }
 
 bool CudaBatch::wait(double timeout_s) {
-  // Note [Batch completion]: poll for up to spin_ns_ first.
+  // Note [Batch completion]: poll for up to spin_ns_ first (never past a deadline).
   const auto t0 = std::chrono::steady_clock::now();
-  const auto spin = std::chrono::nanoseconds(spin_ns_);
+  auto spin = std::chrono::nanoseconds(spin_ns_);
+  if (timeout_s >= 0)
+    spin = std::min(spin, std::chrono::nanoseconds(static_cast<int64_t>(timeout_s * 1e9)));
   while (std::chrono::steady_clock::now() - t0 < spin)
     if (done()) return true;
   // No deadline (every bucket's partial sums): block in the driver until the batch's event
@@ -153,6 +155,7 @@ std::vector<uint64_t> CudaBatch::hashes() {
   // The batch's accumulators were copied into host_ before its event (Note [Batch
   // completion]): once the event fired they are final here, with no read-back to queue (on
   // the batch's own stream a read-back would wait behind every batch submitted after it).
+  if (num_hashes_ == 0) return {};
   wait(-1.0);
   return std::vector<uint64_t>(host_, host_ + num_hashes_);
 }
@@ -180,8 +183,9 @@ CudaCopyEngine::~CudaCopyEngine() = default;  // the streams go with their last 
 CudaStreams::~CudaStreams() {
   // Never throws (a destructor); at interpreter exit the runtime may already be unloading.
   // The last owner is a batch or the engine, after every batch of the pool was destroyed;
-  // a dropped batch's read-back may still be queued: synchronize before the blocks go.
-  for (void* s : work) cudaStreamSynchronize(static_cast<cudaStream_t>(s));
+  // a dropped batch's read-back may still be queued on work[0] (the only stream read-backs
+  // use): wait for it before the blocks go.
+  if (!pinned_.empty() && !work.empty()) cudaStreamSynchronize(static_cast<cudaStream_t>(work[0]));
   for (auto& b : pinned_) cudaFreeHost(b.second);
   for (void* s : work) cudaStreamDestroy(static_cast<cudaStream_t>(s));
 }
@@ -215,6 +219,8 @@ std::shared_ptr<CudaBatch> CudaCopyEngine::submit(const std::vector<CopyDesc>& i
                                                   bool kernel_ok) {
   HW_CHECK_ARG(kernel_ok || num_hashes == 0,
                "CudaCopyEngine: hashing needs device-accessible source and destination");
+  HW_CHECK_ARG(num_hashes <= (size_t(1) << 32), "CudaCopyEngine: num_hashes=", num_hashes,
+               ", expected at most 2^32 accumulators");
   {  // the CPU engine's rule (one address space: UVA): no destination overlaps anything
     std::vector<CopyItem> spans;
     spans.reserve(items.size());
