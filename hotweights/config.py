@@ -232,7 +232,7 @@ _SETTINGS: tuple[Setting, ...] = (
     # copy engine
     _s("ipc_copy_chunk_mb", 16, _int(1, 4096), "Chunk size (MiB) of the multi-stream copy engine.", "copy"),
     _s("ipc_copy_streams", 2, _int(1, 32), "CUDA streams (CPU: worker threads) per copy engine.", "copy"),
-    _s("spin_us", "auto", _spin, "How long (us) a thread waiting for a CUDA copy or a doorbell word polls before it sleeps; auto = 100 on hosts of 8 or more cores, else 0.", "copy"),
+    _s("spin_us", "auto", _spin, "How long (us) a thread waiting for a CUDA copy or a doorbell word polls before it sleeps; auto = 100 where the process may use 8 or more cores (affinity, cgroup quota), else 0.", "copy"),
     _s("ipc_copy_autotune", False, _bool, "Pick chunk size and streams from the link between source and destination; explicit CHUNK_MB/STREAMS win.", "copy"),
     # window
     _s("ipc_inflight_buckets", 4, _int(1, 1024), "Base in-flight window (buckets).", "window"),
