@@ -28,8 +28,8 @@ struct WindowEstimates {
   double t_ewma_s = 0;       // smoothed service time (gain 1/8)
   double t_dev_s = 0;        // smoothed mean deviation of the service time (gain 1/4)
   double bandwidth_Bps = 0;  // windowed maximum delivery rate
-  double queue_buckets = 0;  // Vegas queue estimate W * (1 - T_min / T_ewma)
-  double congestion = 0;     // queueing share of latency, 1 - T_min / T_ewma, in [0, 1]
+  double queue_buckets = 0;  // Vegas queue estimate W * congestion
+  double congestion = 0;     // queueing share of latency, 1 - (T_min + k T_dev) / T_ewma, in [0, 1]
   int64_t rounds = 0, ups = 0, downs = 0, probes = 0, completions = 0;
 };
 
