@@ -242,10 +242,11 @@ WINDOW_BANDWIDTH = gauge(
     "delivery rate of a round (acked bytes / round wall time).", _RM, "bytes_per_second")
 WINDOW_QUEUE = gauge(
     "hotweights_window_queue_buckets", "Controller estimate: buckets waiting rather than moving, "
-    "W * (1 - T_min / T_ewma).", _RM)
+    "W * (1 - (T_min + T_dev) / T_ewma).", _RM)
 WINDOW_CONGESTION = gauge(
     "hotweights_window_congestion_ratio", "Congestion risk in [0, 1]: the queueing share of a "
-    "bucket's latency, 1 - T_min / T_ewma (0: buckets move at the no-load latency).", _RM,
+    "bucket's latency, 1 - (T_min + T_dev) / T_ewma (0: buckets move at the no-load "
+    "latency; T_dev: the service time's mean deviation).", _RM,
     "ratio")
 WINDOW_ADJUSTMENTS = counter(
     "hotweights_window_adjustments", "Window decisions that changed it: up (+1), down "
