@@ -43,10 +43,12 @@ Note [Update model]: the pipeline as built (hotweights/replicate.py, Note [One u
       1 + K processes copying at once reach: ``parallel_copy_Bps`` measured with single-
       threaded copiers, taken at (1 + K) x ``copy_threads`` (each process's copy engine,
       default 2) and at most (1 + K) x scatter', so one process alone still uses every core).
-  The slowest of these sets the interval; the window W (fixed, or the adaptive controller's
-  steady state ``ceil(T_b / interval) + 1`` within its bounds and the ring's slots) caps it at
-  ``T_b / W``. Streaming takes ``T_b + (N - 1) * interval``: the first bucket's latency fills
-  the pipe, then one bucket per interval (the last bucket's latency is the drain).
+  The slowest of these sets the interval. Streaming is run bucket by bucket (``_pipeline``):
+  a bucket admitted at t finishes at max(t + T_b, the previous finish + interval), with at
+  most W in flight: a fixed window, or what the real adaptive controller (_C.WindowController)
+  decides on those service times, within its bounds and the ring's slots, over two updates in
+  a row. With the pipe full that is ``T_b + (N - 1) * interval``: the first bucket's latency
+  fills the pipe, then one bucket per interval (the last bucket's latency is the drain).
 * commit: the subscribers' precommit (r) and the answer to the publisher's waiting request
   (r / 2).
 
@@ -465,7 +467,7 @@ def add_cli(subparsers) -> None:
     s.add_argument("--bucket-mb", type=float, nargs="+", default=None,
                    help="bucket size(s) in MiB (default HOTWEIGHTS_BUCKET_MB)")
     s.add_argument("--window", type=int, nargs="+", default=None,
-                   help="fixed window(s); default: the adaptive controller's steady state")
+                   help="fixed window(s); default: the adaptive controller, run on the modelled pipeline")
     s.add_argument("--subscribers", type=int, default=None,
                    help="subscribers (default: 7 on the 8-GPU tables, 2 otherwise)")
     s.add_argument("--tensors", type=int, default=None, help="tensors in the model (default: bytes / 190 MB)")

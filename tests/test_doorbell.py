@@ -313,6 +313,14 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def _bell_publisher(src, endpoint, **over):
+    """A ring publisher of 4 KiB buckets in 3 slots (direct reads off, no late serving)."""
+    kw = dict(name="bell", endpoint=endpoint, bucket_bytes=4096, slots=3, direct="off",
+              serve_late=False)
+    kw.update(over)
+    return hotweights.Publisher(src, **kw)
+
+
 @pytest.mark.parametrize("bell", ["1", "0"])
 def test_ring_updates_through_the_doorbell_match_the_coordinator_path(fast, bell):
     """The same versions through the ring with and without the doorbell: bit-exact either
@@ -322,8 +330,7 @@ def test_ring_updates_through_the_doorbell_match_the_coordinator_path(fast, bell
     mp_.setenv("HOTWEIGHTS_DOORBELL", bell)
     config.reset()
     src, dst = _model(1), _model(2)
-    pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
-                               slots=3, direct="off", serve_late=False)
+    pub = _bell_publisher(src, endpoint)
     h = dst.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
     try:
         for i in range(3):
@@ -347,8 +354,7 @@ def test_ring_updates_through_the_doorbell_match_the_coordinator_path(fast, bell
         assert sorted(pub._free) == list(range(pub.slots)) and not pub._rung
         # a new publisher session: a new ring and doorbell, a new lane in it
         pub.close()
-        pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
-                                   slots=3, direct="off", serve_late=False)
+        pub = _bell_publisher(src, endpoint)
         takes = h._sub.stats["doorbell_takes"]
         for i in range(2):
             _bump(src)
@@ -371,8 +377,7 @@ def test_a_silent_lane_expires_and_the_bucket_is_sent_again(fast):
     the publisher's doorbell thread is logged and the next pass goes on."""
     endpoint, _ = fast
     src, dst = _model(3), _model(4)
-    pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
-                               slots=3, direct="off", serve_late=False)
+    pub = _bell_publisher(src, endpoint)
     h = dst.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
     try:
         r = pub.publish("v1", timeout=60)  # maps the ring, claims the lane
@@ -415,8 +420,7 @@ def test_a_late_voter_outside_a_smaller_quorum_still_reads_its_posts(fast):
     # the answers of the buckets before the one it stalls on, and a full window would stall
     # the fast one too
     cfg = config.load(ipc_max_inflight=64, ipc_inflight_buckets=64, ipc_adapt=False)
-    pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
-                               slots=64, direct="off", serve_late=False, quorum=1, config=cfg)
+    pub = _bell_publisher(src, endpoint, slots=64, quorum=1, config=cfg)
     hf = fast_m.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
     hs = slow_m.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
     try:
@@ -459,8 +463,7 @@ def test_a_decided_versions_leftover_posts(fast):
     from hotweights.replicate import _Rung, _Transfer
 
     endpoint, _ = fast
-    pub = hotweights.Publisher(_model(10), name="bell", endpoint=endpoint, bucket_bytes=4096,
-                               slots=2, direct="off", serve_late=False)
+    pub = _bell_publisher(_model(10), endpoint, slots=2)
     try:
         xfer = _Transfer(41, None)
         seq = pub.doorbell.next_seq()
@@ -485,8 +488,7 @@ def test_an_aborted_version_frees_its_doorbell_slots(fast):
     and the next version goes through."""
     endpoint, _ = fast
     src, dst = _model(8), _model(9)
-    pub = hotweights.Publisher(src, name="bell", endpoint=endpoint, bucket_bytes=4096,
-                               slots=3, direct="off", serve_late=False)
+    pub = _bell_publisher(src, endpoint)
     h = dst.register_hotweights(name="bell", endpoint=endpoint, commit="manual")
     try:
         r = pub.publish("v1", timeout=60)
