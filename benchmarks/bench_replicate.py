@@ -6,6 +6,9 @@ CPU (default): a 1 GiB fp32 model in 200 tensors.
   - memcpy floors: the copies that cannot be avoided, run concurrently in threads as the
     pipeline would: each subscriber's 1 GiB into its staging (2 copies: direct reads, the CPU
     default), plus the publisher's snapshot into its ring (3 copies: the ring path, also timed)
+  - the floor of a verified update: the publisher's hash pass, then both subscriber processes'
+    fused copy+hash reads of the shared source, no control; and the same with the hash
+    overlapping the reads (what building that overlap could save on this host)
   - torch.distributed.broadcast over gloo (3 ranks, per tensor)
   - mpi4py Bcast of the same arrays (mpirun -n 3, per tensor)
   - a naive per-tensor send over ZeroMQ (PUSH to each subscriber, copy into its tensors)
@@ -216,6 +219,60 @@ def memcpy_floor(mib: int, parties: int = 3) -> float:
         return time.perf_counter() - t0
 
     return min(run() for _ in range(3))
+
+
+def _verified_reader(src, go, done, rounds: int) -> None:
+    """What a subscriber's direct read does to the source: copy + hash it into its own
+    staging (hotweights' engine, fused)."""
+    from hotweights import ops
+
+    _env()
+    bsrc = [t.view(-1).view(torch.uint8) for t in src]
+    bdst = [torch.empty_like(t) for t in bsrc]
+    offs = [0] * len(bsrc)
+    ops.copy_hashed(bdst, bsrc, offs)  # fault every page in first
+    for _ in range(rounds):
+        go.wait(timeout=120)
+        ops.copy_hashed(bdst, bsrc, offs)
+        done.wait(timeout=120)
+
+
+def verified_floor(mib: int, readers: int = 2, rounds: int = 3) -> tuple[float, float]:
+    """The floor of a verified direct update, with no control at all: the publisher's hash
+    pass over the source (the manifest), then every reader's fused copy+hash of it (separate
+    processes, shared memory), in sequence as the pipeline runs them; and the same with the
+    hash overlapping the reads (what building that overlap could at most save here).
+    Returns (sequential, overlapped), best of ``rounds``."""
+    from hotweights import ops
+
+    numel = mib * 2**20 // 4 // N_TENSORS
+    src = [torch.randn(numel).share_memory_() for _ in range(N_TENSORS)]
+    ctx = mp.get_context("spawn")
+    go, done = ctx.Barrier(readers + 1), ctx.Barrier(readers + 1)
+    procs = [ctx.Process(target=_verified_reader, args=(src, go, done, 2 * rounds), daemon=True)
+             for _ in range(readers)]
+    for p in procs:
+        p.start()
+    seq, over = float("inf"), float("inf")
+    try:
+        ops.checksum_batch(src)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            ops.checksum_batch(src)
+            go.wait(timeout=120)
+            done.wait(timeout=120)
+            seq = min(seq, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            go.wait(timeout=120)
+            ops.checksum_batch(src)
+            done.wait(timeout=120)
+            over = min(over, time.perf_counter() - t0)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return seq, over
 
 
 def memcpy_time(nbytes: int) -> float:
@@ -528,6 +585,13 @@ def main():
     rows.append({"case": "  the same through the ring", "hotweights s": hw["ring_full_s"],
                  "baseline": "floor: 3 copies", "baseline s": floor3,
                  "ratio": hw["ring_full_s"] / floor3, "target": "<= 1.5x floor"})
+    # what verification adds to the floor, and what overlapping it could save
+    vseq, vover = verified_floor(mib)
+    rows.append({"case": "", "hotweights s": hw["full_s"], "baseline": "floor: hash + 2 reads",
+                 "baseline s": vseq, "ratio": hw["full_s"] / vseq, "target": ""})
+    rows.append({"case": "  floor with the hash overlapping the reads", "hotweights s": vover,
+                 "baseline": "floor: hash + 2 reads", "baseline s": vseq, "ratio": vover / vseq,
+                 "target": "(< 1: what the overlap could save)"})
     if not args.skip_baselines:
         g = gloo_broadcast(mib)
         rows.append({"case": "", "hotweights s": hw["full_s"], "baseline": "gloo broadcast",
@@ -546,6 +610,8 @@ def main():
                  "baseline": "full update", "baseline s": hw["vfull_s"],
                  "ratio": hw["vdelta_s"] / hw["vfull_s"], "target": "<= 0.05"})
     pz = commit_pauses(mib)
+    floors = {"copies2_s": floor2, "copies3_s": floor3, "verified_s": vseq,
+              "verified_overlapped_s": vover}
     for size in (mib // 16, mib):
         rows.append({"case": f"commit pause {size} MiB", "hotweights s": pz[f"storage_{size}MiB_s"],
                      "baseline": "(storage swap)", "baseline s": None, "ratio": None,
@@ -555,7 +621,7 @@ def main():
                      "ratio": pz[f"inplace_{size}MiB_s"] / pz[f"memcpy_{size}MiB_s"],
                      "target": "<= 1.2x memcpy"})
     finish("bench_replicate", rows, ["case", "hotweights s", "baseline", "baseline s", "ratio", "target"],
-           args.out, device="cpu", details={"hotweights": hw, "pauses": pz})
+           args.out, device="cpu", details={"hotweights": hw, "pauses": pz, "floors": floors})
 
 
 if __name__ == "__main__":

@@ -4,16 +4,28 @@ safe point.
 
 Note [Atomic apply]
 Forward passes hold a shared lock from the forward pre-hook to the forward hook (registered with
-``always_call=True`` so an exception releases it). Applying a version takes the lock exclusively:
+``always_call=True`` so an exception releases it; torch skips that hook for a BaseException such
+as KeyboardInterrupt, so the lock remembers the frame that took it and the thread's next forward
+or apply gives back a read lock whose frame has ended). Applying a version takes the lock exclusively:
 it waits for running forwards to finish, blocks new ones while it swaps, and swaps every changed
 tensor or none (all checks happen before the first swap). A forward therefore sees the old
 version or the new one, never a mix. With ``commit="on_forward"`` the pre-hook applies a staged
-version before the forward that follows the commit; with ``commit="manual"`` the caller applies
-it with ``handle.commit()`` (any thread: the lock makes it safe) or ``handle.wait(version)``.
+version before the forward that follows the commit (an apply that fails there is logged, kept in
+``last_error`` and ``refused``, and the forward runs on the old weights: serving never fails for an
+update); with ``commit="manual"`` the caller applies it with ``handle.commit()`` (any thread but
+one inside this model's forward: the lock makes it safe) or ``handle.wait(version)``.
 One apply runs at a time (taking the staged version, checking its base, swapping, recording
 the version applied), so two threads never swap two versions in the wrong order. A version
 that arrives while an older one is still staged merges with it (Note [Delta base] in
 replicate.py): what is staged is always one delta from the version applied.
+
+The model's tensors are looked up by state-dict name when a version is received and again when
+it is applied (``state_dict(keep_vars=True)``, outside the pause), so ``load_state_dict(...,
+assign=True)``, ``.double()`` and buffers replaced since registering are what a version is
+checked against and swapped into. A version is refused before the first swap when a tensor is
+missing, has another shape or dtype (in place), or moved to another device; an apply that is
+refused never leaves some tensors swapped. Whatever fails after the swap (the optimizer policy,
+a callback) is logged and recorded, and the version stays applied and recorded.
 
 ``swap="storage"`` points each parameter at its shadow (``param.data = shadow``; O(1) per tensor,
 the pause does not grow with size, 2x memory for changed tensors); the replaced storage becomes
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from typing import Callable
@@ -69,13 +82,16 @@ class _ForwardLock:
     def depth(self) -> int:
         return getattr(self._local, "depth", 0)
 
-    def acquire_read(self) -> None:
+    def acquire_read(self, frame=None) -> None:
+        """``frame``: the frame running the forward (kept while this thread holds the lock,
+        so an abandoned hold can be told from a nested one: ``owner_running``)."""
         d = self.depth()
         if d == 0:
             with self._cv:
                 while self._writer or self._waiting_writers:
                     self._cv.wait()
                 self._readers += 1
+            self._local.frame = frame
         self._local.depth = d + 1
 
     def release_read(self) -> None:
@@ -84,10 +100,37 @@ class _ForwardLock:
             return
         self._local.depth = d - 1
         if d == 1:
+            self._local.frame = None
             with self._cv:
                 self._readers -= 1
                 if self._readers == 0:
                     self._cv.notify_all()
+
+    def owner_running(self) -> bool:
+        """Whether the frame that took this thread's read lock is still on its stack (False:
+        its forward was left by a BaseException, which skips the releasing hook)."""
+        owner = getattr(self._local, "frame", None)
+        if owner is None:
+            return True  # taken without a frame: cannot tell, assume nested
+        f = sys._getframe(1)
+        while f is not None:
+            if f is owner:
+                return True
+            f = f.f_back
+        return False
+
+    def recover(self) -> bool:
+        """Gives back this thread's read lock if the forward that took it has ended; returns
+        whether this thread still holds one (it is inside a forward)."""
+        if self.depth() == 0:
+            return False
+        if self.owner_running():
+            return True
+        self._local.depth = 1
+        self.release_read()
+        log.warning("hotweights: a forward ended by a BaseException (KeyboardInterrupt?) left "
+                    "its read lock held; released")
+        return False
 
     def acquire_write(self, timeout: float | None) -> bool:
         end = None if timeout is None else time.monotonic() + timeout
@@ -126,6 +169,15 @@ class HotweightsHandle:
         if accept_reshape and swap == "inplace":
             raise ValueError("register_hotweights: accept_reshape needs swap='storage' (an in-place "
                              "copy cannot change a tensor's shape)")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"register_hotweights: name={name!r}, expected a non-empty string")
+        if kv_layers is not None and (isinstance(kv_layers, bool) or not isinstance(kv_layers, int)
+                                      or kv_layers < 0):
+            raise ValueError(f"register_hotweights: kv_layers={kv_layers!r}, expected None or an "
+                             "integer >= 0 (the model's number of layers)")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"register_hotweights: optimizer is a {type(optimizer).__name__}, "
+                            "expected a torch.optim.Optimizer")
         self.cfg = config or _config.load(opt_policy=opt_policy, opt_attenuation=opt_attenuation)
         self.model = model
         self.name = name
@@ -138,8 +190,11 @@ class HotweightsHandle:
         self.kv_name_rules = kv_name_rules
         self.opt_policy = self.cfg.opt_policy
         self.opt_attenuation = self.cfg.opt_attenuation
-        # The objects the publisher's names refer to: parameters and buffers, by state-dict name.
-        self._targets = dict(model.state_dict(keep_vars=True))
+        # The objects the publisher's names refer to: parameters and buffers, by state-dict name
+        # (looked up again at every receive and apply: Note [Atomic apply]).
+        self._targets = self._live_targets()
+        if swap == "storage":
+            _refuse_shared_storage(self._targets)
         self._lock = _ForwardLock()
         self._applying = threading.Lock()  # one apply at a time: take, check, swap, record
         self._cv = threading.Condition()
@@ -152,23 +207,39 @@ class HotweightsHandle:
         self.last_error: str | None = None
         self.refused: dict[int, str] = {}  # version -> why this subscriber refused or failed it
         self.last_commit: CommitInfo | None = None
-        self._hooks = [
-            model.register_forward_pre_hook(self._pre_forward),
-            model.register_forward_hook(self._post_forward, always_call=True),
-        ]
-        self._sub = Subscriber(self._targets, name, endpoint, consumer=consumer,
+        self._sub = Subscriber(self._live_targets, name, endpoint, consumer=consumer,
                                accept_reshape=accept_reshape, token=token, node=node,
                                keep_staging=keep_staging, on_staged=self._on_staged,
                                on_error=self._on_error, config=self.cfg)
         self.client_id = self._sub.client_id
         self._sub.staged_tensors = self._staged_tensors
+        self._hooks = []  # after the Subscriber: a register that fails leaves no hook behind
+        try:
+            self._hooks = [
+                model.register_forward_pre_hook(self._pre_forward),
+                model.register_forward_hook(self._post_forward, always_call=True),
+            ]
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ hooks and staging
 
+    def _live_targets(self) -> dict[str, torch.Tensor]:
+        """The model's parameters and buffers by state-dict name, as they are now."""
+        return dict(self.model.state_dict(keep_vars=True))
+
     def _pre_forward(self, module, args):
-        if self._staged is not None and self.commit_mode == "on_forward" and self._lock.depth() == 0:
-            self._apply()
-        self._lock.acquire_read()
+        nested = self._lock.recover()
+        if self._staged is not None and self.commit_mode == "on_forward" and not nested:
+            try:
+                self._apply()
+            except Exception as e:  # serving goes on with the old weights (Note [Atomic apply])
+                log.error("hotweights %s: applying a version before a forward failed: %s",
+                          self.name, e)
+                with self._cv:
+                    self.last_error = f"apply: {e}"
+        self._lock.acquire_read(sys._getframe(1))
 
     def _post_forward(self, module, args, output):
         self._lock.release_read()
@@ -227,8 +298,13 @@ class HotweightsHandle:
 
     def commit(self, timeout: float | None = None) -> int | None:
         """Applies the staged version now (waits for running forwards); returns the version
-        applied, or None when nothing was staged."""
+        applied, or None when nothing was staged. Not from inside this model's forward (it
+        would wait for itself): RuntimeError."""
         return self._apply(timeout)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"hotweights {self.name!r}: {what} on a closed handle")
 
     def wait(self, version: int | None = None, timeout: float | None = None,
              apply: bool = True) -> int | None:
@@ -241,6 +317,7 @@ class HotweightsHandle:
             while True:
                 if self.version is not None and self.version >= target:
                     return self.version
+                self._check_open(f"wait for version {target}")
                 s = self._staged
                 if s is not None and s.version >= target:
                     break
@@ -279,10 +356,12 @@ class HotweightsHandle:
         with self._cv:
             self._frozen = True
         info, staged = None, None
+        # never raise before the all-reduce, which every rank must join: a rank inside a
+        # forward takes part with "-1" and raises after it
+        inside = self._lock.recover()
         try:
-            # Not while another thread applies (its version decides the base); and never
-            # raise before the all-reduce, which every rank must join: busy means "-1"
-            if self._acquire_applying(timeout):
+            # Not while another thread applies (its version decides the base): busy is "-1"
+            if not inside and self._acquire_applying(timeout):
                 try:
                     with self._cv:
                         staged = self._staged
@@ -301,6 +380,8 @@ class HotweightsHandle:
             t = torch.tensor([mine, -mine], dtype=torch.int64, device=dev)
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
             lo, hi = int(t[0]), -int(t[1])
+            if inside:
+                self._check_outside_forward("commit_collective")
             if lo < 0 or lo != hi:
                 return None
             info = self._apply_once(timeout)  # the staged version cannot change while frozen
@@ -332,6 +413,12 @@ class HotweightsHandle:
     def _apply(self, timeout: float | None = None) -> int | None:
         return self._after_apply(self._apply_once(timeout))
 
+    def _check_outside_forward(self, what: str) -> None:
+        if self._lock.recover():
+            raise RuntimeError(f"hotweights {self.name!r}: {what} called inside a forward of the "
+                               "model (it would wait for that forward to end): call it between "
+                               "forwards, or use commit='on_forward'")
+
     def _acquire_applying(self, timeout: float | None) -> bool:
         return self._applying.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
 
@@ -341,6 +428,8 @@ class HotweightsHandle:
                                f"{timeout} s")
 
     def _apply_once(self, timeout: float | None) -> CommitInfo | None:
+        self._check_open("commit")
+        self._check_outside_forward("commit")
         self._take_applying(timeout)
         try:
             return self._apply_locked(timeout)
@@ -352,8 +441,14 @@ class HotweightsHandle:
         run a forward, commit, or wait for the next version."""
         if info is None:
             return None
-        for cb in self._callbacks:
-            cb(info)
+        for cb in list(self._callbacks):
+            try:  # the user's: the version is applied whatever it does; the next ones run too
+                cb(info)
+            except Exception as e:
+                log.error("hotweights %s: on_commit callback %r raised on version %d: %r",
+                          self.name, cb, info.version, e)
+                with self._cv:
+                    self.last_error = f"version {info.version}: on_commit callback raised {e!r}"
         return info.version
 
     def _wrong_base(self, staged: StagedVersion) -> bool:
@@ -382,19 +477,44 @@ class HotweightsHandle:
             with self._cv:
                 self._taken = None
 
+    def _refuse_taken(self, staged: StagedVersion, why: str) -> None:
+        """A version that cannot be applied here: dropped whole (nothing was swapped), recorded
+        as refused, and the publisher asked for a catch-up from the version applied (which the
+        receive checks refuse in turn if the model still does not fit)."""
+        log.error("hotweights %s: version %d not applied: %s", self.name, staged.version, why)
+        self._sub.recycle(staged.shadows)
+        self._on_error(staged.version, why)
+        self._sub.report_applied(behind=True)
+        raise UpdateError(f"version {staged.version}: {why}")
+
+    def _check_taken(self, staged: StagedVersion) -> str | None:
+        """Why the staged version cannot be swapped into the model as it is now, or None:
+        everything that could refuse it is checked before the first swap."""
+        self._targets = self._live_targets()
+        for name, shadow in staged.shadows.items():
+            live = self._targets.get(name)
+            if live is None:
+                return f"{name!r} is not in the model (any more)"
+            if live.device != shadow.device:
+                return (f"{name!r} is on {live.device}, the version was received for "
+                        f"{shadow.device}: the model moved after register_hotweights; register it "
+                        "again")
+            if self.swap == "inplace" and (live.shape != shadow.shape or live.dtype != shadow.dtype):
+                return (f"{name!r} is {str(live.dtype).replace('torch.', '')}{tuple(live.shape)} "
+                        f"in the model and {str(shadow.dtype).replace('torch.', '')}"
+                        f"{tuple(shadow.shape)} in the version; swap='inplace' cannot apply that "
+                        "(use swap='storage' and accept_reshape=True)")
+        return None
+
     def _apply_taken(self, staged: StagedVersion, timeout: float | None) -> CommitInfo | None:
         if self._wrong_base(staged):
             self._drop(staged)
             return None
-        # Everything that could refuse the version is checked before the first swap.
-        for name, shadow in staged.shadows.items():
-            live = self._targets.get(name)
-            if live is None:
-                raise UpdateError(f"version {staged.version}: {name!r} is not in the model")
-            if self.swap == "inplace" and (live.shape != shadow.shape or live.dtype != shadow.dtype):
-                raise UpdateError(f"version {staged.version}: {name!r} changed shape or dtype; "
-                                  "swap='inplace' cannot apply that (use swap='storage' and "
-                                  "accept_reshape=True)")
+        why = self._check_taken(staged)
+        if why is not None:
+            self._refuse_taken(staged, why)
+        names = list(staged.shadows)
+        opt_params, opt_reshaped = self._optimizer_targets(names, staged)
         if not self._lock.acquire_write(timeout):
             with self._cv:  # keep it staged for later (merged under one that came meanwhile)
                 self._stage_locked(staged, self._staged)
@@ -407,23 +527,33 @@ class HotweightsHandle:
                 for ev in [*staged.prior_events, staged.event]:
                     if ev is not None:
                         torch.cuda.current_stream(self._sub.device).wait_event(ev)
-            names = list(staged.shadows)
             if self.swap == "storage":
                 replaced = {}
                 with torch.no_grad():
                     for name in names:
                         live = self._targets[name]
+                        new = staged.shadows[name]
                         replaced[name] = live.data
-                        live.data = staged.shadows[name]
+                        if live.grad is not None and (live.grad.shape != new.shape
+                                                      or live.grad.dtype != new.dtype):
+                            live.grad = None  # a gradient of the old shape cannot be stepped
+                        live.data = new
             else:
-                ops.copy_([self._targets[n].data for n in names], [staged.shadows[n] for n in names])
+                # the engine copies contiguous tensors; any other layout (checked above to
+                # have the version's shape) is a torch copy
+                flat = [n for n in names if self._targets[n].is_contiguous()]
+                ops.copy_([self._targets[n].data for n in flat], [staged.shadows[n] for n in flat])
+                with torch.no_grad():
+                    for n in names:
+                        if not self._targets[n].is_contiguous():
+                            self._targets[n].data.copy_(staged.shadows[n])
                 replaced = staged.shadows
             reuse_event = None
             if cuda:
                 reuse_event = torch.cuda.Event()
                 reuse_event.record(torch.cuda.current_stream(self._sub.device))
             pause = time.perf_counter() - t0
-            opt_report = self._apply_optimizer_policy(names, staged)
+            opt_report = self._apply_optimizer_policy(opt_params, opt_reshaped, staged.version)
         finally:
             self._lock.release_write()
         self._sub.recycle(replaced, reuse_event)
@@ -447,21 +577,59 @@ class HotweightsHandle:
             self._cv.notify_all()
         return info
 
-    def _apply_optimizer_policy(self, names: list[str], staged: StagedVersion) -> dict | None:
-        """Optimizer-state policy for exactly the parameters that changed (see hotweights.optim)."""
-        if self.optimizer is None or self.opt_policy == "preserve":
+    def _optimizer_targets(self, names: list[str], staged: StagedVersion) -> tuple[list, list]:
+        """The changed and the reshaped parameters the optimizer steps (a frozen base, or
+        master copies under mixed precision, are not its; nothing to do for them)."""
+        if self.optimizer is None:
+            return [], []
+        from . import optim
+
+        index = optim._param_index(self.optimizer)
+        params = [self._targets[n] for n in names if id(self._targets[n]) in index]
+        reshaped = [self._targets[r[0]] for r in staged.reshaped
+                    if r[0] in self._targets and id(self._targets[r[0]]) in index]
+        return params, reshaped
+
+    def _apply_optimizer_policy(self, params: list, reshaped: list, version: int) -> dict | None:
+        """Optimizer-state policy for exactly the parameters that changed (see hotweights.optim);
+        a reshaped parameter's state is reset whatever the policy (it no longer fits). Runs after
+        the swap: an error is logged and reported, the version stays applied."""
+        if self.optimizer is None or (self.opt_policy == "preserve" and not reshaped):
             return None
         from . import optim
 
-        params = [self._targets[n] for n in names if isinstance(self._targets[n], torch.nn.Parameter)]
-        reshaped = [self._targets[r[0]] for r in staged.reshaped if r[0] in self._targets]
-        report = optim.apply_policy(self.optimizer, params, self.opt_policy, self.opt_attenuation,
-                                    shape_changed=reshaped)
+        try:
+            report = optim.apply_policy(self.optimizer,
+                                        [] if self.opt_policy == "preserve" else params,
+                                        self.opt_policy, self.opt_attenuation,
+                                        shape_changed=reshaped)
+        except Exception as e:
+            log.error("hotweights %s: optimizer policy %r on version %d failed: %s", self.name,
+                      self.opt_policy, version, e)
+            with self._cv:
+                self.last_error = f"version {version}: optimizer policy failed: {e}"
+            return {"error": str(e)}
         return report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
 
     def __repr__(self) -> str:
         return (f"HotweightsHandle({self.name!r}, version={self.version}, staged="
                 f"{self.staged_version}, commit={self.commit_mode}, swap={self.swap})")
+
+
+def _refuse_shared_storage(targets: dict[str, torch.Tensor]) -> None:
+    """swap="storage" points each tensor at its own new storage: two distinct tensors that
+    share one (views of a flat buffer) would silently stop sharing it."""
+    seen: dict[tuple, tuple[str, int]] = {}
+    for name, t in targets.items():
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        other = seen.get(key)
+        if other is not None and other[1] != id(t):
+            raise ValueError(
+                f"register_hotweights: {other[0]!r} and {name!r} share one storage; "
+                "swap='storage' would give each its own and untie them: use swap='inplace'")
+        seen.setdefault(key, (name, id(t)))
 
 
 def register(model: torch.nn.Module, name: str = "model", endpoint: str | None = None,

@@ -85,7 +85,7 @@ from .ipc import (CudaSourceExport, CudaSourceMaps, DirectUnavailable, HandleErr
                   SourceMaps, open_ring, share_host_tensors)
 from .transport import Transport, TransportError, create_transport, select_transport
 from .manifest import Manifest, ManifestError, dtype_name
-from .plan import Plan, SubscriberSpec, make_plan
+from .plan import Plan, SubscriberSpec, consumer_mask, make_plan
 
 __all__ = ["Publisher", "PublishResult", "PublishError", "Subscriber", "UpdateError",
            "StagedVersion", "BucketSource"]
@@ -1124,6 +1124,9 @@ class Publisher:
             xfer.redo = True
             xfer.failed = f"{why}; publishing again through the ring for them"
             return
+        if rel["reason"] == "aborted":  # the version is over: nothing to re-send it for
+            xfer.failed = f"version {xfer.version} was aborted"
+            return
         if xfer.attempts.get(b, 0) >= 3:
             xfer.failed = f"bucket {b} failed 3 times ({why})"
             return
@@ -1250,6 +1253,32 @@ def _reraise(e: BaseException, drain: bool = False) -> tuple:
     raise e
 
 
+def _consumer_patterns(consumer, targets: Mapping[str, torch.Tensor]) -> list[str] | None:
+    """The consumer set as a list of names and glob patterns (None: everything); each must
+    select some tensor of the model, or it is a typo that would receive nothing."""
+    if consumer is None:
+        return None
+    if isinstance(consumer, str):
+        consumer = [consumer]
+    try:
+        out = list(consumer)
+    except TypeError:
+        raise TypeError(f"register_hotweights: consumer={consumer!r}, expected None, a name or "
+                        "glob pattern, or a list of them") from None
+    if not out:
+        raise ValueError("register_hotweights: consumer=[] selects no tensor: expected None "
+                         "(everything) or names / glob patterns")
+    names = list(targets)
+    for pat in out:
+        if not isinstance(pat, str) or not pat:
+            raise TypeError(f"register_hotweights: consumer pattern {pat!r}, expected a "
+                            "non-empty string")
+        if names and not consumer_mask(names, [pat]).any():
+            raise ValueError(f"register_hotweights: consumer pattern {pat!r} selects none of the "
+                             f"model's {len(names)} tensors (e.g. {names[0]!r})")
+    return out
+
+
 def _pid() -> int:
     import os
 
@@ -1300,14 +1329,17 @@ class StagedVersion:
 
 class Subscriber:
     """Receives versions of ``name`` into shadow buffers next to ``targets`` (a mapping name ->
-    live tensor) and stages them; applying is the caller's (see module.py).
+    live tensor, or a function returning it, called again at every version received) and
+    stages them; applying is the caller's (see module.py).
 
-    ``consumer``: names or glob patterns of the tensors this subscriber needs (default: all).
+    ``consumer``: names or glob patterns of the tensors this subscriber needs (default: all);
+    each must select at least one of the targets.
     ``on_staged(staged)`` is called from the worker thread when a version is committed by the
     coordinator and ready to apply; ``on_error(version, message)`` when one is refused or fails.
     """
 
-    def __init__(self, targets: Mapping[str, torch.Tensor], name: str = "model",
+    def __init__(self, targets: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]],
+                 name: str = "model",
                  endpoint: str | None = None, *, consumer=None, accept_reshape: bool = False,
                  token: str | None = None, node: str | None = None, keep_staging: bool = True,
                  on_staged: Callable[[StagedVersion], None] | None = None,
@@ -1315,9 +1347,10 @@ class Subscriber:
                  config=None):
         self.cfg = config or _config.get()
         _metrics.autostart(self.cfg)  # HOTWEIGHTS_METRICS_PORT (+ local rank); off by default
-        self.targets = targets
+        self._targets_fn = targets if callable(targets) else (lambda: targets)
+        self.targets = targets = self._targets_fn()
         self.name = name
-        self.consumer = list(consumer) if consumer else None
+        self.consumer = _consumer_patterns(consumer, targets)
         self.accept_reshape = accept_reshape
         self.keep_staging = keep_staging
         self.on_staged = on_staged
@@ -1332,8 +1365,13 @@ class Subscriber:
         self.launch = launch_info()
         self.node = node or self.launch.node
         self._capabilities = {"pid": _pid(), "rank": self.launch.rank}
-        reg = self.client.register("subscriber", name, node=self.node, device=str(self.device),
-                                   consumer=self.consumer or [], capabilities=self._capabilities)
+        try:
+            reg = self.client.register("subscriber", name, node=self.node, device=str(self.device),
+                                       consumer=self.consumer or [], capabilities=self._capabilities)
+        except BaseException:  # nothing of this subscriber is left behind
+            if self._own_client:
+                self.client.close()
+            raise
         self.client_id = reg["client_id"]
         self.version: int | None = None         # applied version
         self.held: int | None = None            # newest version held, staged or applied
@@ -1446,6 +1484,7 @@ class Subscriber:
         raw = event.get("plan") if event is not None else None  # small plans ride along
         plan = Plan.from_bytes(raw if isinstance(raw, bytes) else self.client.plan(self.name, version))
         mine = plan.tensors_for(self.client_id)
+        self.targets = self._targets_fn()  # the model as it is now (tensors replaced, moved)
         wrong_base = self._check_base(plan)
         problems = self._check_model(plan, mine) or wrong_base
         if problems:
@@ -1964,6 +2003,10 @@ class Subscriber:
             t = staged.get(name, self.targets.get(name))
             if t is None:
                 bad.append(f"{name!r} is not in the model")
+            elif t.device != self.device:
+                bad.append(f"{name!r} is on {t.device}, this subscriber receives for "
+                           f"{self.device} (the model moved after it was registered: register "
+                           "it again)")
             elif (dtype_name(t.dtype), tuple(t.shape)) != (plan.dtypes[i], plan.shapes[i]):
                 if name in reshaped and self.accept_reshape:
                     continue
