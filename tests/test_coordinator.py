@@ -20,7 +20,7 @@ from hotweights.coordinator import (Client, Coordinator, CoordinatorError, Coord
                                     MemoryBackend)
 from hotweights.coordinator import protocol as P
 from hotweights.coordinator.backends import BackendError, NotLeader, RedisBackend, WriteBatch
-from hotweights.coordinator.state import State
+from hotweights.coordinator.state import State, StateSettings
 
 from coord_helpers import (Harness, assert_no_leaks, raw_call, raw_socket, request_bytes,
                            snapshot_threads, wait_until)
@@ -784,8 +784,8 @@ def test_malformed_messages_get_error_replies(hm):
     assert st["counters"]["rejected.bad_version"] >= 2
 
 
-def h_status(c):
-    with Client(c.endpoint, timeout_s=2, retries=0) as cl:
+def h_status(c, token=None):
+    with Client(c.endpoint, timeout_s=2, retries=0, token=token) as cl:
         return cl.status()
 
 
@@ -1197,3 +1197,120 @@ def _ping_redis(redis, url):
         return False
     finally:
         r.close()
+
+
+# --- hostile and runaway input (session 9 review) ---------------------------------------------
+
+def _nested(depth: int) -> bytes:
+    """A msgpack map nested ``depth`` levels deep ({"a": {"a": ... {}}})."""
+    b = b"\x80"
+    for _ in range(depth):
+        b = b"\x81\xa1a" + b
+    return b
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_deep_or_timestamped_requests_are_refused_without_a_reload(make_harness, token):
+    """A map nested 1000 levels deep (in any field, signed or not) or a msgpack timestamp
+    gets a bad_message reply; the coordinator neither logs an internal error nor reloads."""
+    import msgpack
+
+    hm = make_harness("memory")
+    c = hm.coord(token=token)
+    with raw_socket(c.endpoint) as s:
+        for field in ("id", "model"):
+            msg = P.unpack(request_bytes("current", {"model": "m"}))
+            if field == "model":
+                msg["args"]["model"] = "__X__"
+            else:
+                msg[field] = "__X__"
+            body = P.pack(msg).replace(P.pack("__X__"), _nested(1000))
+            r = raw_call(s, body)
+            assert r is not None and r["error"]["code"] == "bad_message", (field, r)
+            assert "more than 32 levels deep" in r["error"]["message"]
+        msg = P.unpack(request_bytes("ping", {}))  # well formed, then a timestamp in args
+        msg["args"] = {"t": msgpack.Timestamp(1, 0)}
+        r = raw_call(s, msgpack.packb(msg, use_bin_type=True))
+        assert r["error"]["code"] == "bad_message" and "timestamp" in r["error"]["message"]
+        assert raw_call(s, request_bytes("ping", {}))["ok"] is True
+    assert "internal_errors" not in h_status(c, token)["counters"]
+
+
+def test_a_reload_keeps_liveness_and_counters():
+    """Recovering in place (State.load after an internal error) must not make a silent
+    client look alive again, nor lose counters not flushed yet."""
+    st = State(StateSettings(), MemoryBackend())
+    st.register({"client_id": "s1", "role": "subscriber", "model": "m", "node": "", "device": "",
+                 "consumer": [], "capabilities": {}})
+    st.seen["s1"] -= 100.0  # silent for 100 s
+    st.count("requests.x.ok", 7)
+    b, _ = st.take()
+    snap = {"client": {k: v for (ns, k), v in b.records.items() if ns == "client"}}
+    st.load(snap)
+    assert time.monotonic() - st.seen["s1"] > 99 and st.counters["requests.x.ok"] == 7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_expected_subscribers_vote(make_harness, backend):
+    """A subscriber that registered after the publish is not in the version's quorum: its
+    precommit is refused, so the version aborts when its only expected subscriber refuses it,
+    whatever the order of the votes."""
+    h = make_harness(backend)
+    c, cl, pub, (a,) = _setup(h, n_subs=1)
+    v = cl.publish(pub, "m", b"m")["version"]
+    late = cl.register("subscriber", "m", client_id="late")["client_id"]
+    with pytest.raises(CoordinatorError, match="is not expected for version 1") as ei:
+        cl.precommit(late, "m", v)
+    assert ei.value.code == "bad_state"
+    cl.reject(a, "m", v, "bad checksum")
+    info = cl.version("m", v)
+    assert info["state"] == "aborted" and cl.current("m") is None
+
+
+def test_versions_in_flight_are_bounded(make_harness):
+    hm = make_harness("memory")
+    c, cl, pub, subs = _setup(hm, n_subs=1, max_transferring=3)
+    vs = [cl.publish(pub, "m", b"x" * 1000)["version"] for _ in range(6)]  # nobody votes
+    states = [cl.version("m", v)["state"] for v in vs]
+    assert states == ["aborted"] * 3 + ["transferring"] * 3
+    assert "superseded: more than 3 versions" in cl.version("m", vs[0])["reason"]
+
+
+def test_models_nobody_uses_are_forgotten_and_bounded(make_harness):
+    hm = make_harness("memory")
+    c = hm.coord(max_models=5)
+    cl = hm.client(c.endpoint)
+    for i in range(40):  # one client id hopping across model names
+        cl.register("subscriber", f"m{i}", client_id="hopper")
+        wait_until(lambda: len(cl.status()["models"]) <= 2, what="empty models forgotten")
+    cl.deregister("hopper")
+    wait_until(lambda: not cl.status()["models"], what="the last model forgotten")
+    pub = cl.register("publisher", "kept", client_id="pub")["client_id"]
+    cl.publish(pub, "kept", b"m")
+    cl.deregister(pub)
+    for i in range(4):
+        cl.register("subscriber", f"x{i}", client_id=f"c{i}")
+    with pytest.raises(CoordinatorError, match=r"already has 5 models \(limit 5\)") as ei:
+        cl.register("subscriber", "one-too-many", client_id="c9")
+    assert ei.value.code == "too_many_models"
+    assert "kept" in cl.status()["models"]  # a model with a version keeps its history
+
+
+def test_meta_and_handle_payloads_are_checked(hm):
+    c, cl, pub, subs = _setup(hm, n_subs=1)
+    with pytest.raises(CoordinatorError, match=r"'meta'=.*expected a map of at most 65536 packed"):
+        cl.publish(pub, "m", b"m", meta={"blob": b"x" * (100 << 10)})
+    with pytest.raises(CoordinatorError, match=r"its 'payload' is None, expected a map"):
+        cl.publish(pub, "m", b"m", handles=[{"consumers": subs}])
+
+
+def test_one_connection_cannot_park_every_long_poll(hm):
+    c, cl, pub, subs = _setup(hm, n_subs=1)
+    with raw_socket(c.endpoint) as s:
+        poll = request_bytes("events", {"model": "nothing", "wait_ms": 30_000})
+        for _ in range(64):  # parked: model "nothing" has no events for 30 s
+            s.send_multipart([poll])
+        r = raw_call(s, poll)
+        assert r["error"]["code"] == "busy" and "limit per connection" in r["error"]["message"]
+        # another connection still parks, and is answered at its deadline
+        assert cl.get_handles(subs[0], "m", wait_ms=300)["handles"] == []

@@ -33,6 +33,7 @@ import hmac
 import math
 import os
 import re
+import reprlib
 import time
 import uuid
 from typing import Any, Callable
@@ -56,6 +57,8 @@ MAX_WAIT_MS = 60_000
 MAX_NAME_LEN = 200
 MAX_ID_LEN = 128
 MAX_TEXT_LEN = 4096
+MAX_DEPTH = 32  # maps and arrays inside one request; the deepest legitimate one is ~6
+MAX_META_BYTES = 64 << 10  # a version's free-form meta (kept with its record, re-written per vote)
 
 
 class CoordinatorError(RuntimeError):
@@ -174,9 +177,34 @@ def encode_request(method: str, args: dict, *, req_id: str | None = None, client
     return req_id, pack(msg)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
 def _shown(x: Any, limit: int = 40) -> str:
-    r = repr(x)
+    r = _REPR.repr(x)  # bounded however deep or large x is
     return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _tree_problem(obj: Any, limit: int) -> str | None:
+    """What is wrong with the shape of a decoded message, or None: maps and arrays nested
+    more than ``limit`` levels deep (checked iteratively: a hostile message cannot exhaust the
+    Python stack here, nor later in repr or the mac), or a msgpack timestamp (ext type -1,
+    which msgpack decodes without calling the ext hook that refuses every other ext type)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            if d > limit:
+                return f"request nests maps or arrays more than {limit} levels deep"
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            if d > limit:
+                return f"request nests maps or arrays more than {limit} levels deep"
+            stack.extend((v, d + 1) for v in o)
+        elif isinstance(o, msgpack.Timestamp):
+            return "msgpack ext type -1 (timestamp) is not accepted"
+    return None
 
 
 def decode_request(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
@@ -192,6 +220,9 @@ def decode_request(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
     if not isinstance(msg, dict):
         raise ProtocolError("bad_message", f"request must be a msgpack map, got "
                                            f"{type(msg).__name__}")
+    bad = _tree_problem(msg, MAX_DEPTH)
+    if bad is not None:
+        raise ProtocolError("bad_message", bad)
     req_id = msg.get("id")
     if not isinstance(req_id, str) or not (0 < len(req_id) <= MAX_ID_LEN):
         raise ProtocolError("bad_message", f"request 'id' must be a non-empty str of at most "
@@ -329,6 +360,14 @@ def _t_dict(x):
     return x
 
 
+def _t_meta(x):
+    _t_dict(x)
+    n = len(pack(x))
+    if n > MAX_META_BYTES:
+        raise ValueError(f"expected a map of at most {MAX_META_BYTES} packed bytes, got {n}")
+    return x
+
+
 def _t_role(x):
     if x not in ("publisher", "subscriber", "observer"):
         raise ValueError("expected one of publisher, subscriber, observer")
@@ -369,7 +408,9 @@ def _t_handle(x):
     """A handle posted with its version (publish's ``handles``): payload, consumers, id."""
     if not isinstance(x, dict) or set(x) - {"payload", "consumers", "handle_id"}:
         raise ValueError("expected a map with payload, consumers and handle_id")
-    return {"payload": _t_dict(x.get("payload")),
+    if not isinstance(x.get("payload"), dict):
+        raise ValueError(f"its 'payload' is {_shown(x.get('payload'))}, expected a map")
+    return {"payload": x["payload"],
             "consumers": _opt(_list_of(_t_id))(x.get("consumers")),
             "handle_id": _opt(_t_id)(x.get("handle_id"))}
 
@@ -407,7 +448,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _m("publish", True, client_id=(_t_id, R), model=(_t_name, R), manifest=(_t_bytes, R),
        label=(_opt(_t_short), None), parent=(_opt(_t_version), None), plan=(_opt(_t_bytes), None),
        expected=(_opt(_list_of(_t_id)), None), quorum=(_opt(_t_quorum), None),
-       meta=(_t_dict, {}), idempotency_key=(_opt(_t_id), None),
+       meta=(_t_meta, {}), idempotency_key=(_opt(_t_id), None),
        handles=(_opt(_list_of(_t_handle, 256)), None)),
     _m("manifest", False, model=(_t_name, R), version=(_t_version, R)),
     _m("plan", False, model=(_t_name, R), version=(_t_version, R)),

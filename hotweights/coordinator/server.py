@@ -19,6 +19,7 @@ fenced by the lease (Note [Fencing] in backends.py).
 from __future__ import annotations
 
 import atexit
+import collections
 import heapq
 import hmac
 import itertools
@@ -40,6 +41,7 @@ __all__ = ["Coordinator", "embedded", "start_embedded"]
 log = logging.getLogger("hotweights.coordinator")
 
 _BURST = 256  # requests read per poll wake-up before timers get a turn
+MAX_PARKED_PER_PEER = 64  # long-polls one connection may park (a client thread parks one)
 
 
 class _Parked:
@@ -68,6 +70,7 @@ class Coordinator:
                  version_timeout_s: float | None = None, leader_lease_s: float | None = None,
                  max_request_bytes: int = P.MAX_REQUEST_BYTES, event_log_len: int = 4096,
                  keep_versions: int = 256, keep_manifests: int = 16, max_parked: int = 10_000,
+                 max_models: int = 10_000, max_transferring: int = 16,
                  hook: Callable[[str, float, str], None] | None = None):
         cfg = _config.load(
             coord_backend=None if isinstance(backend, Backend) else backend,
@@ -80,7 +83,8 @@ class Coordinator:
                              "(comma-separated lists are for clients)")
         for name, n in (("max_request_bytes", max_request_bytes), ("event_log_len", event_log_len),
                         ("keep_versions", keep_versions), ("keep_manifests", keep_manifests),
-                        ("max_parked", max_parked)):
+                        ("max_parked", max_parked), ("max_models", max_models),
+                        ("max_transferring", max_transferring)):
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"Coordinator: {name}={n!r}: expected an integer >= 1")
         self.cfg = cfg
@@ -98,6 +102,7 @@ class Coordinator:
             on_dead=cfg.on_dead, handle_ttl=cfg.handle_ttl,
             version_timeout_s=cfg.version_timeout_s, event_log_len=event_log_len,
             keep_versions=keep_versions, keep_manifests=min(keep_manifests, keep_versions),
+            max_models=max_models, max_transferring=max_transferring,
             inline_payloads=self._token is None)
         self.hook = hook
         self.state = State(self.settings, self.backend, hook)
@@ -120,6 +125,7 @@ class Coordinator:
         self._parked_heap: list = []
         self._parked_by_key: dict[tuple, list[_Parked]] = {}
         self._parked_n = 0
+        self._parked_by_peer: collections.Counter = collections.Counter()  # ROUTER identity
         self._tie = itertools.count()
         self._last_backend_warning = 0.0
         self._gauges: dict = {}
@@ -350,6 +356,7 @@ class Coordinator:
         self._parked_heap.clear()
         self._parked_by_key.clear()
         self._parked_n = 0
+        self._parked_by_peer.clear()
         self.state = State(self.settings, self.backend, self.hook)  # free memory; reload later
         self._stale = True
 
@@ -485,6 +492,12 @@ class Coordinator:
             self.state.count(f"requests.{method}.error")
             self._reply_error(ident, env, req_id, "unavailable", str(e))
             return
+        except Exception as e:  # a bug in checking a request: it is refused, nothing changed
+            log.exception("coordinator: checking a request failed")
+            self.state.count("internal_errors")
+            self._reply_error(ident, env, req_id, "bad_message",
+                              f"the request could not be checked: {type(e).__name__}")
+            return
         self._execute(ident, env, req_id, method, args, fresh=True)
 
     def _authenticate(self, req: P.Request, spec: P.MethodSpec) -> None:
@@ -573,6 +586,13 @@ class Coordinator:
                                   f"{self._parked_n} long-polls are parked (limit "
                                   f"{self.max_parked}); retry later")
                 return True
+            # one peer (a socket: one client process) cannot take the pool from the others
+            if self._parked_by_peer[ident] >= MAX_PARKED_PER_PEER:
+                self.state.count(f"requests.{method}.error")
+                self._reply_error(ident, env, req_id, "busy",
+                                  f"this connection has {MAX_PARKED_PER_PEER} long-polls parked "
+                                  "already (the limit per connection); retry later")
+                return True
             self._park(ident, env, req_id, method, args)
             return False
         # Encoded now (the state moves on), sent by _flush once the group is persisted.
@@ -617,6 +637,7 @@ class Coordinator:
         heapq.heappush(self._parked_heap, (e.deadline, next(self._tie), e))
         self._parked_by_key.setdefault(key, []).append(e)
         self._parked_n += 1
+        self._parked_by_peer[ident] += 1
 
     def _iter_parked(self):
         for _, _, e in self._parked_heap:
@@ -626,6 +647,9 @@ class Coordinator:
     def _finish(self, e: _Parked) -> None:
         e.done = True
         self._parked_n -= 1
+        self._parked_by_peer[e.ident] -= 1
+        if self._parked_by_peer[e.ident] <= 0:
+            del self._parked_by_peer[e.ident]
 
     def _retry(self, e: _Parked) -> None:
         """Re-evaluates a parked long-poll after a state change; answers it when ready."""

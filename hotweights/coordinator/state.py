@@ -67,6 +67,9 @@ class StateSettings:
     keep_manifests: int = 16
     max_clients: int = 100_000
     max_handles: int = 100_000
+    max_models: int = 10_000
+    # versions of one model in flight at once; a publish past it aborts the oldest
+    max_transferring: int = 16
     purge_dead_after_s: float = 3600.0
     # small plans and handles ride in version events; off with a token: events are public
     # reads, plans and handle payloads are not (docs/coordinator.md, Security)
@@ -157,11 +160,17 @@ class State:
     # --- load ----------------------------------------------------------------------------------
 
     def load(self, snap: dict) -> None:
-        """Rebuilds the dicts from a backend snapshot (a new leader, or recovery after an error)."""
+        """Rebuilds the dicts from a backend snapshot (a new leader, or recovery after an error).
+        What only this process knew survives a reload in place: when each client was last
+        heard from (a reload must not make a silent client look alive again), and counters
+        not flushed yet. A new leader starts from an empty State: every client gets the grace
+        period."""
         now = time.monotonic()
+        old_seen, old_counters = self.seen, self.counters
         self.__init__(self.s, self.backend, self.hook)
         self.clients = dict(snap.get("client", {}))
-        self.seen = {cid: now for cid in self.clients}  # grace period: see the module note
+        # grace period for clients this process never heard from: see the module note
+        self.seen = {cid: old_seen.get(cid, now) for cid in self.clients}
         for name, m in snap.get("model", {}).items():
             self.models[name] = m
             self.versions[name] = {}
@@ -187,6 +196,10 @@ class State:
             if k.startswith("rseq:"):
                 self.rseq[k[5:]] = v
         self.counters.update(meta.get("counters", {}))
+        for k, n in old_counters.items():  # monotonic: the larger is the newer
+            if n > self.counters[k]:
+                self.counters[k] = n
+                self._counters_dirty = True
         # _model() may have queued writes for models missing from a damaged snapshot: keep them.
 
     def flush_counters(self) -> None:
@@ -269,6 +282,9 @@ class State:
         if old is None and len(self.clients) >= self.s.max_clients:
             raise _err("too_many_clients", f"the coordinator already has {len(self.clients)} "
                                            f"clients (limit {self.s.max_clients})")
+        if a["model"] not in self.models and len(self.models) >= self.s.max_models:
+            raise _err("too_many_models", f"the coordinator already has {len(self.models)} "
+                                          f"models (limit {self.s.max_models})")
         m = self._model(a["model"])
         same = old is not None and old["model"] == a["model"] and old["role"] == a["role"]
         rec = {"client_id": cid, "role": a["role"], "model": a["model"], "node": a["node"],
@@ -401,6 +417,12 @@ class State:
         if handles and len(self.handles) + len(handles) > self.s.max_handles:
             raise _err("too_many_handles", f"{len(self.handles)} handles are live, {len(handles)} "
                                            f"more would pass the limit {self.s.max_handles}")
+        # a bounded number in flight (each holds its manifest): the oldest give way
+        flying = sorted(r["version"] for r in self.versions[model].values()
+                        if r["state"] == "transferring")
+        for old_v in flying[:max(0, len(flying) - self.s.max_transferring + 1)]:
+            self._abort(self.versions[model][old_v], f"superseded: more than "
+                        f"{self.s.max_transferring} versions of {model!r} were in flight")
         now = time.time()
         v = m["vseq"] + 1
         m["vseq"] = v
@@ -531,6 +553,10 @@ class State:
         if cid in vrec["rejected"]:
             raise _err("bad_state", f"precommit: client {cid!r} rejected version "
                                     f"{vrec['version']} earlier")
+        if cid not in vrec["expected"]:  # its vote would count for a quorum it is not in
+            raise _err("bad_state", f"precommit: client {cid!r} is not expected for version "
+                                    f"{vrec['version']} of model {vrec['model']!r} (it "
+                                    "registered after the publish; a catch-up serves it)")
 
     def reject(self, a: dict) -> dict:
         """A subscriber refuses the version; it leaves the quorum and keeps its old version."""
@@ -914,7 +940,20 @@ class State:
                     self._abort(vrec, "timeout")
                 else:
                     self._evaluate(vrec)
+        self._forget_empty_models()
         self.flush_counters()
+
+    def _forget_empty_models(self) -> None:
+        """Drops models nobody uses and nothing was ever published to (registrations under
+        names that are gone): their records and event logs would otherwise grow forever.
+        A model with a version keeps its history (a later publisher continues from it)."""
+        used = {c["model"] for c in self.clients.values()}
+        for name in [n for n, m in self.models.items() if not m["vseq"] and n not in used
+                     and not self.handles_by_model.get(n)]:
+            for d in (self.models, self.versions, self.handles_by_model, self.events):
+                d.pop(name, None)
+            self.batch.delete("model", name)
+            self.batch.drop_list("events", name)
 
     def _mark_dead(self, rec: dict) -> None:
         rec["alive"], rec["state"], rec["dead_at"] = False, "dead", time.time()
