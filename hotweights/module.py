@@ -42,6 +42,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -53,6 +54,11 @@ from .replicate import StagedVersion, Subscriber, UpdateError
 __all__ = ["HotweightsHandle", "CommitInfo", "register"]
 
 log = logging.getLogger("hotweights")
+
+# model -> the names it is registered under (open handles): a second handle for the same
+# name would receive every version twice and race the first one's swaps
+_REGISTERED: "weakref.WeakKeyDictionary[torch.nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+_REGISTERED_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -179,6 +185,29 @@ class HotweightsHandle:
             raise TypeError(f"register_hotweights: optimizer is a {type(optimizer).__name__}, "
                             "expected a torch.optim.Optimizer")
         self.cfg = config or _config.load(opt_policy=opt_policy, opt_attenuation=opt_attenuation)
+        self.model, self.name = model, name
+        with _REGISTERED_LOCK:
+            names = _REGISTERED.setdefault(model, set())
+            if name in names:
+                raise ValueError(f"register_hotweights: this model is already registered under "
+                                 f"name={name!r}; close that handle first")
+            names.add(name)
+        self._registered = True
+        try:
+            self._init(model, name, endpoint, commit, consumer, swap, optimizer, accept_reshape,
+                       token, node, keep_staging, kv_layers, kv_name_rules)
+        except BaseException:
+            self._unregister()
+            raise
+
+    def _unregister(self) -> None:
+        with _REGISTERED_LOCK:
+            if self._registered:
+                self._registered = False
+                _REGISTERED.get(self.model, set()).discard(self.name)
+
+    def _init(self, model, name, endpoint, commit, consumer, swap, optimizer, accept_reshape,
+              token, node, keep_staging, kv_layers, kv_name_rules) -> None:
         self.model = model
         self.name = name
         self.commit_mode = commit
@@ -397,6 +426,7 @@ class HotweightsHandle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._unregister()
         with self._cv:
             self._closed = True
             self._cv.notify_all()

@@ -299,3 +299,16 @@ def test_storage_swap_refuses_tensors_that_share_a_storage(coord):
     tied[1].weight = tied[0].weight  # one object under two names (a tied embedding): fine
     h = tied.register_hotweights(name="m", endpoint=coord, swap="storage")
     h.close()
+
+
+def test_one_handle_per_model_and_name(coord):
+    m = make_model(17)
+    h = m.register_hotweights(name="m", endpoint=coord, commit="manual")
+    try:
+        with pytest.raises(ValueError, match=r"already registered under name='m'; close that"):
+            m.register_hotweights(name="m", endpoint=coord)
+        other = m.register_hotweights(name="other", endpoint=coord)  # another name: fine
+        other.close()
+    finally:
+        h.close()
+    m.register_hotweights(name="m", endpoint=coord).close()  # closed: free again
