@@ -18,6 +18,7 @@ import copy
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -112,9 +113,18 @@ class Manifest:
             state = state.state_dict(keep_vars=False)
         names, tensors = [], []
         for name, t in state.items():
+            if not isinstance(name, str):
+                raise ManifestError(f"state entry {name!r} has a {type(name).__name__} name, "
+                                    "expected a str")
             if not isinstance(t, torch.Tensor):
                 raise ManifestError(f"state entry {name!r} is a {type(t).__name__}, expected a tensor")
             t = t.detach()
+            if t.layout != torch.strided:
+                raise ManifestError(f"tensor {name!r} is {t.layout}; publish dense tensors "
+                                    "(call .to_dense())")
+            if t.device.type == "meta":
+                raise ManifestError(f"tensor {name!r} is on the meta device: it has no bytes to "
+                                    "publish")
             if not t.is_contiguous():
                 raise ManifestError(f"tensor {name!r} of shape {tuple(t.shape)} is not contiguous; "
                                     "publish contiguous tensors (call .contiguous())")
@@ -287,9 +297,13 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "manifest") -> "Manifest":
-        """Parses either serialised form, validating schema, columns and digest."""
-        if data[:1] in (b"{", b" ", b"\n"):
-            return cls._from_json(data, source)
+        """Parses either serialised form, validating schema, columns, every row (a name, a
+        known dtype, dims >= 0, nbytes that match them) and the digest."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"Manifest.from_bytes: expected bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if data.lstrip(b" \t\r\n")[:1] == b"{" or data[:3] == b"\xef\xbb\xbf":  # JSON (BOM)
+            return cls._from_json(data[3:] if data[:3] == b"\xef\xbb\xbf" else data, source)
         try:
             d = msgpack.unpackb(data, raw=False)
         except Exception as e:
@@ -314,8 +328,9 @@ class Manifest:
                     label=d["label"], parent=d["parent"], created=d["created"])
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ManifestError(f"{source}: corrupt manifest ({type(e).__name__}: {e})") from None
+        _check_rows(m, source)
         if m.digest != d.get("digest"):
             raise ManifestError(f"{source}: manifest digest mismatch (corrupted or edited)")
         return m
@@ -336,8 +351,9 @@ class Manifest:
                     parent=d["parent"], created=d["created"])
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ManifestError(f"{source}: corrupt manifest ({type(e).__name__}: {e})") from None
+        _check_rows(m, source)
         if f"{m.digest:016x}" != d.get("digest"):
             raise ManifestError(f"{source}: manifest digest mismatch (corrupted or edited)")
         return m
@@ -392,6 +408,27 @@ def _safetensors_files(paths: str | Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------- delta
 
 
+def _check_rows(m: Manifest, source: str) -> None:
+    """Every row of a manifest read from bytes describes a tensor that can exist: a str name,
+    a known dtype, dims >= 0, and nbytes = numel * itemsize (Python ints: no overflow)."""
+    itemsize: dict[str, int] = {}
+    for name, dt, shape, nb in zip(m.names, m.dtypes, m.shapes, m.nbytes.tolist()):
+        if not isinstance(name, str):
+            raise ManifestError(f"{source}: tensor name {name!r} is a {type(name).__name__}, "
+                                "expected a str")
+        size = itemsize.get(dt)
+        if size is None:
+            try:
+                size = itemsize[dt] = dtype_from_name(dt).itemsize
+            except (ManifestError, TypeError):
+                raise ManifestError(f"{source}: tensor {name!r}: unknown dtype {dt!r}") from None
+        if any(d < 0 for d in shape):
+            raise ManifestError(f"{source}: tensor {name!r}: negative dimension in {shape}")
+        if math.prod(shape) * size != nb:
+            raise ManifestError(f"{source}: tensor {name!r} claims {nb} bytes, but {dt}"
+                                f"{tuple(shape)} holds {math.prod(shape) * size}")
+
+
 @dataclasses.dataclass
 class Delta:
     """What differs between two manifests (names in the new manifest's order).
@@ -417,7 +454,7 @@ class Delta:
 def diff(old: Manifest | None, new: Manifest) -> Delta:
     """Delta from ``old`` (None: nothing yet, everything is added) to ``new``; vectorised."""
     n = len(new)
-    if old is None:
+    if old is None or not len(old):
         return Delta(list(new.names), list(new.names), [], [], 0, np.ones(n, bool))
     if old.names == new.names:  # the common case: same model, same order
         oi = np.arange(n)
@@ -430,8 +467,12 @@ def diff(old: Manifest | None, new: Manifest) -> Delta:
     differs = ~present | (old.hashes[safe] != new.hashes) | (old.nbytes[safe] != new.nbytes)
     reshaped = []
     both = np.flatnonzero(present)
-    # dtype/shape only for rows whose bytes differ (a dtype change alone keeps nbytes possible)
-    cand = both if len(both) < 2048 else both[differs[both]]
+    # dtype and shape are not in the checksum (the same bytes reinterpreted or reshaped hash
+    # alike): every row is compared, unless the columns are equal as a whole (one C-level
+    # list comparison, the usual case)
+    same_layout = (old.names == new.names and old.dtypes == new.dtypes
+                   and old.shapes == new.shapes)
+    cand = np.zeros(0, np.int64) if same_layout else both
     for i in cand.tolist():
         j = int(oi[i])
         if old.dtypes[j] != new.dtypes[i] or old.shapes[j] != new.shapes[i]:

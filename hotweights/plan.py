@@ -55,10 +55,10 @@ _GLOB = re.compile(r"[*?\[]")
 def consumer_mask(names: Sequence[str], patterns: Sequence[str] | None) -> np.ndarray:
     """Bool array: which names a consumer set selects (glob patterns and exact names)."""
     n = len(names)
+    if isinstance(patterns, str):  # one pattern, not its characters
+        patterns = [patterns]
     if patterns is None or any(p == "*" for p in patterns):
         return np.ones(n, bool)
-    if isinstance(patterns, str):
-        patterns = [patterns]
     exact = {p for p in patterns if not _GLOB.search(p)}
     globs = [p for p in patterns if _GLOB.search(p)]
     if not globs:
@@ -181,7 +181,7 @@ class Plan:
                             f"{PLAN_SCHEMA}")
         try:
             f = lambda k, t: np.frombuffer(d[k], t)  # noqa: E731
-            return cls(model=d["model"], version=d["version"], bucket_bytes=d["bucket_bytes"],
+            plan = cls(model=d["model"], version=d["version"], bucket_bytes=d["bucket_bytes"],
                        align=d["align"], names=d["names"], dtypes=d["dtypes"],
                        shapes=[tuple(s) for s in d["shapes"]], nbytes=f("nbytes", "<i8"),
                        checksums=f("checksums", "<u8"), piece_tensor=f("piece_tensor", "<i8"),
@@ -195,6 +195,14 @@ class Plan:
                        removed=d["removed"], bucket_digests=d["bucket_digests"])
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise PlanError(f"{source}: corrupt plan ({type(e).__name__}: {e})") from None
+        # it may come off a socket: what the receivers index with is checked before they do
+        try:
+            errs = _structure_errors(plan)
+        except (TypeError, ValueError) as e:  # a column of the wrong kind altogether
+            errs = [f"{type(e).__name__}: {e}"]
+        if errs:
+            raise PlanError(f"{source}: corrupt plan: " + "; ".join(errs))
+        return plan
 
     def save(self, path: str) -> None:
         with open(path, "wb") as f:
@@ -269,6 +277,42 @@ def make_plan(new: Manifest, subscribers: Sequence[SubscriberSpec], bucket_bytes
         reshaped=[reshaped[k] for k in sorted(reshaped)], removed=sorted(removed))
 
 
+def _structure_errors(plan: Plan) -> list[str]:
+    """What makes a plan unusable as an index (column lengths, index ranges, types, piece
+    order): checked for every plan read from bytes, and first by verify_plan."""
+    errs: list[str] = []
+    nt, nb = len(plan.names), plan.num_buckets
+    P = len(plan.piece_length)
+    if not all(isinstance(x, str) for x in plan.names):
+        errs.append("tensor names must be strings")
+    if not all(isinstance(g, tuple) and all(isinstance(c, str) for c in g) for g in plan.groups):
+        errs.append("consumer groups must be lists of client ids")
+    if plan.align < 1 or plan.bucket_bytes < 1:
+        errs.append(f"align={plan.align} and bucket_bytes={plan.bucket_bytes} must be >= 1")
+    arrays = (plan.piece_tensor, plan.piece_tensor_offset, plan.piece_bucket, plan.piece_slot_offset)
+    if any(len(a) != P for a in arrays):
+        errs.append("piece columns differ in length")
+    if not (len(plan.dtypes) == len(plan.shapes) == len(plan.nbytes) == len(plan.checksums) == nt):
+        errs.append("tensor columns differ in length")
+    if len(plan.bucket_group) != nb or len(plan.bucket_digests) != nb:
+        errs.append("bucket columns differ in length")
+    if errs:
+        return errs
+    if P and (plan.piece_tensor.min() < 0 or plan.piece_tensor.max() >= nt):
+        errs.append("a piece refers to a tensor outside the plan")
+    if P and (plan.piece_bucket.min() < 0 or plan.piece_bucket.max() >= nb):
+        errs.append("a piece refers to a bucket outside the plan")
+    if P and (np.diff(plan.piece_bucket) < 0).any():  # pieces(b) is a row range
+        errs.append("pieces are not in bucket order")
+    if (plan.piece_length <= 0).any():
+        errs.append(f"{int((plan.piece_length <= 0).sum())} piece(s) have no bytes")
+    if (plan.piece_tensor_offset < 0).any():
+        errs.append("a piece starts before its tensor")
+    if len(plan.bucket_group) and (plan.bucket_group.min() < 0 or plan.bucket_group.max() >= len(plan.groups)):
+        errs.append("a bucket refers to a consumer group outside the plan")
+    return errs
+
+
 def verify_plan(plan: Plan, new: Manifest | None = None,
                 subscribers: Sequence[SubscriberSpec] | None = None) -> dict:
     """Checks a plan; raises PlanError listing every problem, else returns its summary.
@@ -279,28 +323,11 @@ def verify_plan(plan: Plan, new: Manifest | None = None,
     subscriber gets exactly the tensors it needs (changed since its base, in its consumer set)
     and nothing else, with the new manifest's sizes and checksums.
     """
-    errs: list[str] = []
+    errs = _structure_errors(plan)
+    if errs:
+        raise PlanError("plan is inconsistent: " + "; ".join(errs))
     nt, nb = len(plan.names), plan.num_buckets
     P = len(plan.piece_length)
-    arrays = (plan.piece_tensor, plan.piece_tensor_offset, plan.piece_bucket, plan.piece_slot_offset)
-    if any(len(a) != P for a in arrays):
-        errs.append("piece columns differ in length")
-    if not (len(plan.dtypes) == len(plan.shapes) == len(plan.nbytes) == len(plan.checksums) == nt):
-        errs.append("tensor columns differ in length")
-    if len(plan.bucket_group) != nb or len(plan.bucket_digests) != nb:
-        errs.append("bucket columns differ in length")
-    if errs:
-        raise PlanError("plan is inconsistent: " + "; ".join(errs))
-    if P and (plan.piece_tensor.min() < 0 or plan.piece_tensor.max() >= nt):
-        errs.append("a piece refers to a tensor outside the plan")
-    if P and (plan.piece_bucket.min() < 0 or plan.piece_bucket.max() >= nb):
-        errs.append("a piece refers to a bucket outside the plan")
-    if (plan.piece_length <= 0).any():
-        errs.append(f"{int((plan.piece_length <= 0).sum())} piece(s) have no bytes")
-    if len(plan.bucket_group) and (plan.bucket_group.min() < 0 or plan.bucket_group.max() >= len(plan.groups)):
-        errs.append("a bucket refers to a consumer group outside the plan")
-    if errs:
-        raise PlanError("plan is inconsistent: " + "; ".join(errs))
     # coverage: per tensor, pieces sorted by offset tile [0, nbytes) exactly
     o = np.lexsort((plan.piece_tensor_offset, plan.piece_tensor))
     t, off, ln = plan.piece_tensor[o], plan.piece_tensor_offset[o], plan.piece_length[o]
@@ -439,7 +466,9 @@ def _cmd_plan(args) -> int:
         b = auto_bucket_bytes(free_memory(args.device), cfg.ipc_max_inflight,
                               int(new.nbytes.max()) if len(new) else ALIGN)
     else:
-        b = (args.bucket_mb << 20) if args.bucket_mb else cfg.bucket_bytes
+        if args.bucket_mb is not None and args.bucket_mb < 1:
+            raise PlanError(f"--bucket-mb {args.bucket_mb}: expected a size in MiB >= 1")
+        b = (args.bucket_mb << 20) if args.bucket_mb is not None else cfg.bucket_bytes
     subs = [SubscriberSpec("subscriber", prev, args.consumer or None)]
     plan = make_plan(new, subs, b)
     s = verify_plan(plan, new, subs) if args.verify else plan.summary()

@@ -149,3 +149,77 @@ def test_with_checksums_equals_a_manifest_built_from_scratch():
     assert diff(m1, m2).changed == ["a"]
     with pytest.raises(ManifestError, match=r"shape \(2,\), expected \(3,\)"):
         m1.with_checksums(np.zeros(2, np.uint64))
+
+
+def test_dtype_or_shape_change_with_same_bytes_is_seen_in_large_models():
+    """dtype and shape are not in the checksum: the diff compares them for every row, also
+    past the 2048 rows where it once looked only at rows whose bytes differ."""
+    for n in (10, 3000):
+        old = {f"t{i}": torch.full((4, 2), float(i)) for i in range(n)}
+        new = dict(old)
+        new["t0"] = old["t0"].view(torch.int32)  # the same bytes, reinterpreted
+        new["t1"] = old["t1"].reshape(2, 4)       # the same bytes, reshaped
+        d = diff(Manifest.from_state_dict(old), Manifest.from_state_dict(new))
+        assert d.changed == ["t0", "t1"] and [r[0] for r in d.reshaped] == ["t0", "t1"], n
+
+
+def test_diff_from_an_empty_manifest_adds_everything():
+    new = Manifest.from_state_dict({"w": torch.ones(3)})
+    d = diff(Manifest.from_state_dict({}), new)
+    assert d.changed == ["w"] and d.added == ["w"] and d.removed == []
+
+
+def test_hostile_manifest_rows_are_refused_by_name():
+    """Manifests come off the coordinator: every row must describe a tensor that can exist
+    (the digest is no protection: anyone can compute it)."""
+    good = Manifest.from_state_dict({"a": torch.ones(4), "b": torch.ones(2, 3, dtype=torch.int64)})
+    d = msgpack.unpackb(good.to_bytes(), raw=False)
+
+    def forged(mutate) -> bytes:
+        names, dtypes = list(d["names"]), [d["dtype_table"][i] for i in
+                                           np.frombuffer(d["dtype_idx"], np.uint16).tolist()]
+        shapes, nb = list(good.shapes), good.nbytes.copy()
+        names, dtypes, shapes, nb = mutate(names, dtypes, shapes, nb)
+        m = Manifest(names, dtypes, shapes, nb, good.hashes, model=good.model)
+        return m.to_bytes()  # with a valid digest of the forged content
+
+    def nbytes(n, dt, sh, nb):
+        nb[0] = 7
+        return n, dt, sh, nb
+
+    def negative_dim(n, dt, sh, nb):
+        sh[1] = (-2, -3)
+        return n, dt, sh, nb
+
+    def bad_dtype(n, dt, sh, nb):
+        dt[0] = "not_a_dtype"
+        return n, dt, sh, nb
+
+    def int_name(n, dt, sh, nb):
+        n[0] = 5
+        return n, dt, sh, nb
+
+    for mutate, msg in ((nbytes, r"tensor 'a' claims 7 bytes, but float32\(4,\) holds 16"),
+                        (negative_dim, r"tensor 'b': negative dimension in \(-2, -3\)"),
+                        (bad_dtype, r"tensor 'a': unknown dtype 'not_a_dtype'"),
+                        (int_name, r"tensor name 5 is a int, expected a str")):
+        with pytest.raises(ManifestError, match=msg):
+            Manifest.from_bytes(forged(mutate))
+    js = good.to_json().encode()
+    assert Manifest.from_bytes(b"\xef\xbb\xbf" + js).digest == good.digest  # a BOM
+    assert Manifest.from_bytes(b"\t\r\n" + js).digest == good.digest
+    bad = json.loads(js)
+    bad["tensors"][0]["checksum"] = "-1"
+    with pytest.raises(ManifestError, match="corrupt manifest"):
+        Manifest.from_bytes(json.dumps(bad).encode())
+    with pytest.raises(TypeError, match="expected bytes, got str"):
+        Manifest.from_bytes("{}")
+
+
+def test_state_dict_entries_that_cannot_be_published_are_named():
+    with pytest.raises(ManifestError, match=r"state entry 0 has a int name, expected a str"):
+        Manifest.from_state_dict({0: torch.ones(2)})
+    with pytest.raises(ManifestError, match=r"tensor 'm' is on the meta device"):
+        Manifest.from_state_dict({"m": torch.ones(2, device="meta")})
+    with pytest.raises(ManifestError, match=r"tensor 's' is torch.sparse_coo; publish dense"):
+        Manifest.from_state_dict({"s": torch.ones(2).to_sparse()})

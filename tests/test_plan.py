@@ -159,3 +159,38 @@ def test_bad_arguments():
         make_plan(m, [SubscriberSpec("s")], 100)
     with pytest.raises(PlanError, match="unique"):
         make_plan(m, [SubscriberSpec("s"), SubscriberSpec("s")], 4096)
+
+
+def test_plans_read_from_bytes_are_checked_before_use():
+    """A plan comes off the coordinator: anything its readers would index with is checked
+    by from_bytes (not only by verify_plan, which receivers do not run)."""
+    import msgpack
+
+    m = fake_manifest([1000, 2000, 3000])
+    plan = make_plan(m, [SubscriberSpec("a"), SubscriberSpec("b", None, ["layers.0.p0"])], 2048)
+    d = msgpack.unpackb(plan.to_bytes(), raw=False, strict_map_key=False)
+
+    def forged(**kw):
+        return msgpack.packb({**d, **kw}, use_bin_type=True)
+
+    i8 = lambda a: np.asarray(a, "<i8").tobytes()  # noqa: E731
+    pb = np.frombuffer(d["piece_bucket"], "<i8")
+    cases = [
+        (forged(bucket_group=i8(np.full(len(d["bucket_used"]) // 8, 99))),
+         "consumer group outside the plan"),
+        (forged(piece_tensor=i8(np.full(len(pb), 99))), "tensor outside the plan"),
+        (forged(piece_bucket=i8(pb[::-1])), "not in bucket order"),
+        (forged(piece_length=i8([])), "piece columns differ in length"),
+        (forged(align=0), "align=0"),
+        (forged(names=5), "corrupt plan"),
+    ]
+    for data, msg in cases:
+        with pytest.raises(PlanError, match=msg):
+            Plan.from_bytes(data)
+    assert Plan.from_bytes(plan.to_bytes()).num_buckets == plan.num_buckets
+
+
+def test_consumer_mask_takes_one_pattern_as_a_string():
+    names = ["layer0.w", "layer1.w", "head.w"]
+    assert consumer_mask(names, "layer0.*").tolist() == [True, False, False]
+    assert consumer_mask(names, "head.w").tolist() == [False, False, True]

@@ -14,8 +14,10 @@ namespace hw {
 // Each word is mixed with its index:  x = w_i ^ (i * K0); x *= K1; x ^= x >> 32;
 // x *= K2; x ^= x >> 29, and the results are added mod 2^64. Every step of the mix is a
 // bijection of x, so flipping any single bit changes exactly one term and therefore the
-// sum: a single flipped bit is always detected, and the index key makes swapped words
-// visible. Addition mod 2^64 is associative and commutative, so threads, CUDA blocks and
+// sum: a single flipped bit is always detected, and the index key makes two swapped words
+// visible (unless both are also XORed with their keys' difference: a collision is easy to
+// build on purpose, so hw64 detects corruption, not tampering; the publisher and the
+// coordinator token are what is trusted). Addition mod 2^64 is associative and commutative, so threads, CUDA blocks and
 // atomics may combine partial sums in any order and still agree bit for bit.
 // The digest is fmix64(sum ^ nbytes * K3 ^ SEED), which folds in the length.
 // Partial sums over a sub-range starting at byte offset `off` (off % 8 == 0) use
