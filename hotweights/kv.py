@@ -194,7 +194,8 @@ def query_head_map(num_heads: int, num_kv_heads: int, order: str, to: str) -> tu
 
 
 def validate_head_map(head_map: Any, num_kv_heads: int, *, permutation: bool = True,
-                      name: str = "head_map", context: str = "") -> tuple[int, ...]:
+                      name: str = "head_map", context: str = "",
+                      count: str = "num_kv_heads") -> tuple[int, ...]:
     """Checks a map over ``num_kv_heads`` heads (ints, length, range, and a permutation unless
     ``permutation=False``) and returns it as a tuple; errors name the value and the expectation."""
     where = f" ({context})" if context else ""
@@ -213,7 +214,7 @@ def validate_head_map(head_map: Any, num_kv_heads: int, *, permutation: bool = T
                 raise KVMapError(f"{name}[{i}] = {v!r} is not an int{where}")
     if len(values) != num_kv_heads:
         raise KVMapError(
-            f"{name} has {len(values)} entries, expected num_kv_heads={num_kv_heads}{where}")
+            f"{name} has {len(values)} entries, expected {count}={num_kv_heads}{where}")
     first: dict[int, int] = {}
     for i, v in enumerate(values):
         if not 0 <= v < num_kv_heads:
@@ -256,7 +257,8 @@ def derive_head_map(num_heads: int, num_kv_heads: int, order: str | None = None,
         s = query_head_map(num_heads, num_kv_heads, order, to)
     else:
         s = validate_head_map(query_map, num_heads, name="query_map",
-                              context=f"a permutation of the {num_heads} query heads")
+                              context=f"a permutation of the {num_heads} query heads",
+                              count="num_heads")
     a_old = kv_head_of(num_heads, num_kv_heads, order)
     a_new = kv_head_of(num_heads, num_kv_heads, to)
     m: list[int | None] = [None] * num_kv_heads
@@ -406,6 +408,12 @@ def remap_kv_heads(kv: torch.Tensor, head_map: Sequence[int] | torch.Tensor,
     if inplace and allow_gather:
         raise ValueError(f"{op}: allow_gather needs the out-of-place op (inplace=False)")
     m = _map_tensor(head_map, kv, kv.shape[axis], where, op, permutation=not allow_gather)
+    if kv.requires_grad and torch.is_grad_enabled():  # a cache, not a graph: no backward
+        raise ValueError(f"{op}: the input requires grad and the op has no backward; remap "
+                         "KV caches under torch.no_grad() (or pass kv.detach())")
+    if inplace and kv.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{op}: in-place update of an inference tensor outside "
+                           "torch.inference_mode()")
     if inplace:
         return _ops.remap_kv_heads_(kv, m, axis)
     return _ops.remap_kv_heads(kv, m, axis)
@@ -457,6 +465,18 @@ class RopeConfig:
         if self.scaling in ("dynamic", "llama3") and not self.original_max_position_embeddings:
             raise ValueError(
                 f"RopeConfig: scaling={self.scaling!r} needs original_max_position_embeddings")
+        if self.scaling in ("ntk", "dynamic") and self.rotary_dim < 4:
+            raise ValueError(f"RopeConfig: scaling={self.scaling!r} with rotary_dim="
+                             f"{self.rotary_dim}: NTK scaling raises theta to d/(d-2), expected "
+                             "rotary_dim >= 4")
+
+    def same_rotation(self, other: "RopeConfig") -> bool:
+        """Whether keys rotated under ``other`` are the keys rotated under this one: the
+        same rotated dims, frequencies and attention scaling (None and "default" are one
+        scaling; a factor that no scaling uses changes nothing)."""
+        return (self.rotary_dim == other.rotary_dim
+                and torch.equal(self.inv_freq(), other.inv_freq())
+                and self.attention_scaling() == other.attention_scaling())
 
     @classmethod
     def from_hf(cls, config: Any, head_dim: int | None = None) -> "RopeConfig":
@@ -720,6 +740,20 @@ def convert_kv_dtype(kv: torch.Tensor, dtype: torch.dtype, *, scale: Any = None,
     return x.to(dtype)
 
 
+def _kv_dtype(x: Any, what: str) -> torch.dtype:
+    """A KV-cache dtype given as a torch.dtype or its name ("bfloat16", "torch.float8_e4m3fn")."""
+    if isinstance(x, torch.dtype):
+        return x
+    if isinstance(x, str):  # vLLM's kv_cache_dtype names too
+        x = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+             "fp8_e5m2": "float8_e5m2"}.get(x, x)
+    dt = getattr(torch, str(x).removeprefix("torch."), None) if isinstance(x, str) else None
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"plan: {what}={x!r}: expected a torch dtype or its name (e.g. "
+                         "'bfloat16', 'float8_e4m3fn', or vLLM's 'fp8', 'fp8_e5m2')")
+    return dt
+
+
 def convert_layout(kv: torch.Tensor, src: str, dst: str) -> torch.Tensor:
     """A paged cache moved between vllm_flash (2, B, S, H, D) and flashinfer (B, 2, S, H, D)."""
     op = "convert_layout"
@@ -959,6 +993,9 @@ def plan(old_manifest: Any, new_manifest: Any, num_layers: int,
         raise ValueError("plan: pass both old_layout and new_layout, or neither")
     if (old_kv_dtype is None) != (new_kv_dtype is None):
         raise ValueError("plan: pass both old_kv_dtype and new_kv_dtype, or neither")
+    if old_kv_dtype is not None:  # torch.bfloat16 and "bfloat16" are one dtype
+        old_kv_dtype = _kv_dtype(old_kv_dtype, "old_kv_dtype")
+        new_kv_dtype = _kv_dtype(new_kv_dtype, "new_kv_dtype")
     for lay in (old_layout, new_layout):
         if lay is not None:
             _layout(lay, "plan")
@@ -1013,7 +1050,9 @@ def plan(old_manifest: Any, new_manifest: Any, num_layers: int,
         layer = int(rx.search(name).group("layer"))
         if not 0 <= layer < num_layers:
             raise ValueError(f"plan: {name} names layer {layer}, but num_layers={num_layers}")
-        if rule.head_permutable and layer in hmaps:
+        # an identity "permutation" explains no change: such a tensor is judged by its rule
+        if (rule.head_permutable and layer in hmaps
+                and hmaps[layer] != tuple(range(len(hmaps[layer])))):
             permuted.setdefault(layer, []).append(name)
         elif rule.effect == "from_layer":
             mark(hard, layer, f"{name} changed{what}")
@@ -1040,7 +1079,7 @@ def plan(old_manifest: Any, new_manifest: Any, num_layers: int,
             add_transform(layer, {"op": op, **t, "exact": False})
         mark(soft, 1, why)
 
-    if old_rope is not None and old_rope != new_rope:
+    if old_rope is not None and not old_rope.same_rotation(new_rope):
         representation("rerotate_rope", {"old_rope": old_rope.to_dict(),
                                          "new_rope": new_rope.to_dict()}, True,
                        "the RoPE configuration changed: attention in the layers below saw the "
@@ -1048,14 +1087,19 @@ def plan(old_manifest: Any, new_manifest: Any, num_layers: int,
     elif rope_buffers:
         mark(hard, 0, f"{rope_buffers[0]} changed (RoPE buffers) and no old_rope/new_rope were "
                       "given to re-rotate the keys")
-    if old_kv_dtype is not None and str(old_kv_dtype) != str(new_kv_dtype):
+    if old_kv_dtype is not None and old_kv_dtype != new_kv_dtype:
         representation("convert_kv_dtype", {"from": str(old_kv_dtype), "to": str(new_kv_dtype)},
                        False, f"the KV dtype changed ({old_kv_dtype} -> {new_kv_dtype}): "
                        "attention in the layers below read differently rounded K/V")
     if old_layout is not None and old_layout != new_layout:
-        for layer in range(num_layers):  # pure data movement: exact everywhere
-            add_transform(layer, {"op": "convert_layout", "from": old_layout, "to": new_layout,
-                                  "exact": True})
+        if {_layout(old_layout, "plan").name, _layout(new_layout, "plan").name} == {
+                "vllm_flash", "flashinfer"}:
+            for layer in range(num_layers):  # pure data movement: exact everywhere
+                add_transform(layer, {"op": "convert_layout", "from": old_layout,
+                                      "to": new_layout, "exact": True})
+        else:  # what convert_layout cannot do without the block tables
+            mark(hard, 0, f"the KV layout changed ({old_layout} -> {new_layout}): only "
+                          "vllm_flash <-> flashinfer is converted in place")
 
     actions = []
     for layer in range(num_layers):
@@ -1176,16 +1220,33 @@ def _cmd_kv_check(args) -> int:
     to = order if args.to is None else args.to
     report: dict[str, Any] = {"num_heads": H, "num_kv_heads": K, "group_size": G,
                               "order": order, "to": to}
+    def parsed(flag: str, text: str, allowed: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KVMapError(f"{flag} {text!r}: {allowed} ({e.msg} at column {e.colno})") from None
+
     qm: Any
     if args.query_map in (None, "canonical"):
         qm = "canonical" if (args.query_map == "canonical" or to != order) else None
     elif args.query_map == "keep":
         qm = None
     else:
-        qm = json.loads(args.query_map)
+        qm = parsed("--query-map", args.query_map,
+                    f"expected 'keep', 'canonical' or a JSON list permuting the {H} query heads")
     if args.map is not None:
-        m = validate_head_map(json.loads(args.map), K, name="--map")
+        m = validate_head_map(parsed("--map", args.map,
+                                     f"expected a JSON list permuting the {K} KV heads"),
+                              K, name="--map")
         report["source"] = "--map"
+        if args.query_map is not None or to != order:  # then the map is implied: check it
+            try:
+                want = derive_head_map(H, K, order, to, query_map=qm)
+            except KVMapError as e:
+                raise KVMapError(f"--map {list(m)} cannot keep attention unchanged: {e}") from None
+            if m != want:
+                raise KVMapError(f"--map {list(m)} disagrees with the query-head map and orders "
+                                 f"given ({order} -> {to}): they imply KV-head map {list(want)}")
     else:
         env_map = head_map_from_config(K)
         if env_map is not None:

@@ -818,6 +818,49 @@ def test_plan_transforms_rope_scales_layout_heads(monkeypatch):
         kv.plan(old, old, 4, old_rope=r0)
 
 
+def test_plan_judges_what_changes_not_how_it_is_spelled():
+    """Equal things spelled differently keep the cache; changes the ops cannot undo invalidate
+    it (session 9 review)."""
+    old = _manifest(4)
+    # one dtype, two spellings (and vLLM's name for FP8)
+    p = kv.plan(old, old, 4, old_kv_dtype=torch.bfloat16, new_kv_dtype="bfloat16",
+                allow_transforms=True)
+    assert p.keep == [0, 1, 2, 3]
+    p = kv.plan(old, old, 4, old_kv_dtype="fp8", new_kv_dtype=torch.float8_e4m3fn)
+    assert p.keep == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"new_kv_dtype='banana': expected a torch dtype"):
+        kv.plan(old, old, 4, old_kv_dtype=torch.bfloat16, new_kv_dtype="banana")
+    # one rotation, two spellings: None and "default", an unused factor
+    a = kv.RopeConfig(theta=10000.0, rotary_dim=64)
+    for b in (kv.RopeConfig(theta=10000.0, rotary_dim=64, scaling="default"),
+              kv.RopeConfig(theta=10000.0, rotary_dim=64, factor=8.0)):
+        assert a.same_rotation(b)
+        assert kv.plan(old, old, 4, old_rope=a, new_rope=b, allow_transforms=True).keep == [0, 1, 2, 3]
+    # a layout change convert_layout cannot make without the block tables
+    p = kv.plan(old, old, 4, old_layout="hf", new_layout="vllm_flash", allow_transforms=True)
+    assert p.invalidate == [0, 1, 2, 3] and "only vllm_flash <-> flashinfer" in p.actions[0].reasons[0]
+    # an identity head map explains no change: a retrained k_proj still invalidates
+    new = _changed(old, "model.layers.1.self_attn.k_proj.weight")
+    p = kv.plan(old, new, 4, head_maps=[0, 1, 2, 3], allow_transforms=True)
+    assert p.keep == [0] and p.invalidate == [1, 2, 3]
+    assert p.actions == kv.plan(old, new, 4, allow_transforms=True).actions
+
+
+def test_rope_and_remap_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match=r"scaling='ntk' with rotary_dim=2: .* expected rotary_dim >= 4"):
+        kv.RopeConfig(rotary_dim=2, scaling="ntk", factor=2.0)
+    x = torch.randn(1, 4, 3, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad and the op has no backward"):
+        kv.remap_kv_heads(x, [1, 0, 3, 2], head_axis=1)
+    with torch.no_grad():  # what a server does
+        out = kv.remap_kv_heads(x, [1, 0, 3, 2], head_axis=1)
+    assert torch.equal(out, x.detach().index_select(1, torch.tensor([1, 0, 3, 2])))
+    with torch.inference_mode():
+        inf = torch.randn(1, 4, 3, 8)
+    with pytest.raises(RuntimeError, match="inference tensor outside torch.inference_mode"):
+        kv.remap_kv_heads(inf, [1, 0, 3, 2], head_axis=1, inplace=True)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -895,3 +938,15 @@ def test_commit_info_carries_the_kv_plan(monkeypatch):
         h.close()
     finally:
         coord.stop()
+
+
+def test_kv_check_checks_a_given_map_against_the_query_map(capsys):
+    base = ["kv-check", "--heads", "8", "--kv-heads", "4", "--order", "grouped"]
+    assert cli_main(base + ["--query-map", "[2,3,0,1,4,5,6,7]", "--map", "[1,0,2,3]"]) == 0
+    capsys.readouterr()
+    assert cli_main(base + ["--query-map", "[2,3,0,1,4,5,6,7]", "--map", "[0,1,2,3]"]) == 1
+    assert "they imply KV-head map [1, 0, 2, 3]" in capsys.readouterr().err
+    assert cli_main(base + ["--map", "[0,1,"]) == 1
+    assert "--map '[0,1,': expected a JSON list permuting the 4 KV heads" in capsys.readouterr().err
+    assert cli_main(base + ["--query-map", "[0,1]"]) == 1
+    assert "expected num_heads=8" in capsys.readouterr().err
