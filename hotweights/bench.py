@@ -39,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -884,6 +885,8 @@ def cuda_paths(sweep: Sweep, wanted: set[str]) -> tuple[list[dict], dict, dict]:
 def run(device: str = "cpu", quick: bool = False, paths: Sequence[str] | None = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Measures every requested path present on this machine; returns the results dict."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     sweep = Sweep(device, quick)
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

@@ -43,9 +43,9 @@ def _bool(s: str) -> bool:
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     def parse(s: str) -> int:
         try:
-            v = int(s.strip(), 0)
+            v = int(s.strip(), 10)  # "010" is ten; "0x40" is not an integer here
         except ValueError:
-            raise ValueError("expected an integer") from None
+            raise ValueError("expected an integer (decimal digits)") from None
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise ValueError(f"expected an integer in [{lo}, {hi if hi is not None else 'inf'}]")
         return v

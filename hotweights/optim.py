@@ -103,6 +103,9 @@ def _kind_of_groups(groups: Sequence[Mapping[str, Any]], where: str) -> str:
 
 def _resolve(policy, attenuation, warmup_steps, where: str):
     """Explicit values (validated like their HOTWEIGHTS_* variables) beat the environment."""
+    for name, v in (("attenuation", attenuation), ("warmup_steps", warmup_steps)):
+        if isinstance(v, bool):  # True is not 1.0 (nor 1 step)
+            raise ValueError(f"{where}: {name}={v!r}: expected a number, not a bool")
     explicit = {
         k: v
         for k, v in (

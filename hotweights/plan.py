@@ -387,10 +387,19 @@ def verify_plan(plan: Plan, new: Manifest | None = None,
 
 def free_memory(device: str = "cpu") -> int:
     """Bytes available for staging on a device (CUDA: free device memory; CPU: MemAvailable)."""
-    if str(device).startswith("cuda"):
-        import torch
+    import torch
 
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PlanError(f"device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index is not None and dev.index >= n or not n:
+            raise PlanError(f"device {device!r}: this machine has {n} CUDA device(s)")
+        return int(torch.cuda.mem_get_info(dev)[0])
+    if dev.type != "cpu":
+        raise PlanError(f"device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):

@@ -129,6 +129,12 @@ def add_cli(subparsers) -> None:
 
 
 def _cmd_preset(args) -> int:
+    if args.list and (args.detect or args.name):
+        raise ValueError("--list lists every preset: it takes no name and no --detect")
+    if args.shell and args.json:
+        raise ValueError("--shell and --json: pick one output form")
+    if args.redis_url is not None and not args.redis_url:
+        raise ValueError("--redis-url '': expected a redis:// URL")
     if args.list:
         for p in PRESETS.values():
             print(f"{p.name:14s} {p.summary}")
@@ -137,6 +143,9 @@ def _cmd_preset(args) -> int:
     name = args.name
     if args.detect:
         name, reason = detect()
+        if name is None and args.name:
+            raise ValueError(f"--detect recommends no preset ({reason}), but {args.name!r} "
+                             "was named")
         if name is None:
             print(json.dumps({"preset": None, "reason": reason}) if args.json
                   else f"# no preset recommended: {reason}")

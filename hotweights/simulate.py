@@ -163,7 +163,14 @@ def load_table(topology: str) -> dict[str, Any]:
 def load_table_dict(d: Mapping[str, Any], where: str = "link table") -> dict[str, Any]:
     """A measured link table from a dict: hotweights.bench results (their ``simulator``
     section) or a bare table."""
-    t = dict(d.get("simulator", d))
+    if not isinstance(d, Mapping):
+        raise ValueError(f"--topology {where}: expected a JSON object (a link table, or "
+                         f"`hotweights.bench --out` results), got a {type(d).__name__}")
+    t = d.get("simulator", d)
+    if not isinstance(t, Mapping):
+        raise ValueError(f"--topology {where}: 'simulator' is a {type(t).__name__}, expected "
+                         "an object (the link table)")
+    t = dict(t)
     missing = [k for k in _REQUIRED if not t.get(k)]
     if missing:
         raise ValueError(f"--topology {where}: the link table lacks {missing} (was it written "
@@ -174,11 +181,30 @@ def load_table_dict(d: Mapping[str, Any], where: str = "link table") -> dict[str
     return t
 
 
+def _by_count(key: str) -> bool:
+    """Columns measured per subscriber count (or per concurrent copiers): {"K": value}."""
+    return key.startswith("bucket0_") or key == "parallel_copy_Bps"
+
+
 def _check(t: Mapping[str, Any]) -> None:
+    def number(k: str, v: Any) -> None:
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or v < 0 or (k.endswith("_Bps") and v == 0)):
+            raise ValueError(f"link table: {k}={v!r}: expected a positive number")
+
     for k, v in t.items():
-        if k.endswith(("_Bps", "_s")) and v is not None and not isinstance(v, dict):
-            if not isinstance(v, (int, float)) or v < 0 or (k.endswith("_Bps") and v == 0):
-                raise ValueError(f"link table: {k}={v!r}: expected a positive number")
+        if not k.endswith(("_Bps", "_s")) or v is None:
+            continue
+        if isinstance(v, Mapping):  # by subscriber count (or by concurrent copiers)
+            for kk, vv in v.items():
+                if not str(kk).isdigit() or int(kk) < 1:
+                    raise ValueError(f"link table: {k} has key {kk!r}: expected a count >= 1")
+                number(f"{k}[{kk}]", vv)
+        elif _by_count(k):
+            raise ValueError(f"link table: {k}={v!r}: expected an object of numbers by "
+                             "subscriber count, e.g. {\"1\": ..., \"2\": ...}")
+        else:
+            number(k, v)
 
 
 def _agg(par: Mapping[str, float] | None, k: int) -> tuple[float | None, str]:
@@ -285,6 +311,9 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
     ``buckets``: the plan's bucket count when known (default ceil(model_bytes / bucket_bytes):
     packing whole tensors into buckets can take one or more extra)."""
     _check(table)
+    for what, v in (("model_bytes", model_bytes), ("bucket_bytes", bucket_bytes)):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"simulate: {what}={v!r}: expected a finite number of bytes")
     m = int(model_bytes)
     b = int(bucket_bytes)
     if m <= 0:
@@ -300,6 +329,8 @@ def simulate(table: Mapping[str, Any], model_bytes: float, bucket_bytes: int, *,
     if not 1 <= min_window <= max_window:
         raise ValueError(f"simulate: window bounds [{min_window}, {max_window}] are not ordered")
     n_t = int(tensors if tensors is not None else max(1, round(m / 190e6)))
+    if n_t < 1:
+        raise ValueError(f"simulate: tensors={tensors!r}: expected >= 1")
     n = max(1, math.ceil(m / b)) if buckets is None else int(buckets)
     if n < 1:
         raise ValueError(f"simulate: buckets={buckets!r}: expected >= 1")
@@ -489,6 +520,9 @@ def _cmd_simulate(args) -> int:
     else:
         cfg = _config.get()
     table = load_table(args.topology)
+    for x in args.bucket_mb or ():
+        if not (math.isfinite(x) and x > 0):
+            raise ValueError(f"--bucket-mb {x}: expected a size in MiB > 0")
     buckets = [int(x * 2**20) for x in (args.bucket_mb or [cfg.bucket_mb])]
     windows = args.window or [None]
     direct = table.get("kind") == "cpu" and not args.ring and cfg.direct_read != "off"

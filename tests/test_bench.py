@@ -87,3 +87,8 @@ def test_gpu_link_table_falls_back_to_the_bucket_latency_fit():
     assert "twice the per-bucket latency" in t["sources"]["scatter_Bps"]
     assert t["shared_device_Bps"] == pytest.approx((1 << 30) / 0.5)
     sim.load_table_dict({"simulator": t})  # a complete table
+
+
+def test_a_device_that_is_not_one_is_refused():
+    with pytest.raises(ValueError, match=r"--device 'bogus': expected 'cpu', 'cuda' or 'cuda:N'"):
+        bench.run("bogus", quick=True)

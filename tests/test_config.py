@@ -98,3 +98,10 @@ def test_readme_lists_every_setting():
     listed = set(re.findall(r"`(HOTWEIGHTS_[A-Z0-9_]+)`", readme))
     known = {s.env for s in config.settings()} | config._NON_RUNTIME_ENV
     assert not (listed - known), f"README.md names unknown settings: {listed - known}"
+
+
+def test_integers_are_decimal():
+    assert config.load({"HOTWEIGHTS_BUCKET_MB": "010"}).bucket_mb == 10
+    for bad in ("0x40", "4e1"):
+        with pytest.raises(ConfigError, match=rf"HOTWEIGHTS_BUCKET_MB='{bad}': expected an integer"):
+            config.load({"HOTWEIGHTS_BUCKET_MB": bad})

@@ -334,6 +334,10 @@ def test_errors_name_the_problem():
         apply_policy(opt, [model[0].weight], "attenuate", 0)
     with pytest.raises(TypeError, match=r"params\[0\] is a str"):
         apply_policy(opt, ["0.weight"], "reset")
+    with pytest.raises(ValueError, match=r"attenuation=True: expected a number, not a bool"):
+        apply_policy(opt, [model[0].weight], "attenuate", True)
+    with pytest.raises(ValueError, match=r"warmup_steps=True: expected a number, not a bool"):
+        apply_policy(opt, [model[0].weight], "reset", warmup_steps=True)
     # a partial state (the earlier project's bug: moments without step) is refused, reset rebuilds it
     del opt.state[model[0].weight]["step"]
     good = model[2].weight

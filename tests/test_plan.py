@@ -194,3 +194,14 @@ def test_consumer_mask_takes_one_pattern_as_a_string():
     names = ["layer0.w", "layer1.w", "head.w"]
     assert consumer_mask(names, "layer0.*").tolist() == [True, False, False]
     assert consumer_mask(names, "head.w").tolist() == [False, False, True]
+
+
+def test_free_memory_names_a_bad_device():
+    from hotweights.plan import free_memory
+
+    assert free_memory("cpu") > 0
+    with pytest.raises(PlanError, match=r"device 'bogus': expected 'cpu', 'cuda' or 'cuda:N'"):
+        free_memory("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(PlanError, match=r"device 'cuda:0': this machine has 0 CUDA device"):
+            free_memory("cuda:0")

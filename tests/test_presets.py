@@ -250,3 +250,12 @@ def test_cli_detect_on_this_machine(capsys):
         assert out.startswith("# no preset recommended: no GPU visible")
     else:
         assert "recommended preset" in out or "HOTWEIGHTS_" in out
+
+
+def test_conflicting_preset_flags_are_refused(capsys):
+    for argv, msg in ((["preset", "--list", "--detect"], "--list lists every preset"),
+                      (["preset", "nvlink", "--list"], "--list lists every preset"),
+                      (["preset", "nvlink", "--shell", "--json"], "pick one output form"),
+                      (["preset", "redis-ha", "--redis-url", ""], "--redis-url '': expected")):
+        assert main(argv) == 1
+        assert msg in capsys.readouterr().err

@@ -238,3 +238,36 @@ def test_one_process_alone_copies_with_every_core():
     t["copy_threads"] = 1  # HOTWEIGHTS_IPC_COPY_STREAMS=1: one thread's rate
     p = sim.simulate(t, 4e9, int(1e9), subscribers=1, tensors=4, direct=True)
     assert p.per_bucket["resource_cpu_s"] == pytest.approx(1e9 / 1e9)
+
+
+def test_bad_numbers_and_malformed_tables_are_named(tmp_path, capsys):
+    """Every bad input is an error naming it (exit 1), not a traceback or negative times."""
+    def table(obj) -> str:
+        p = tmp_path / f"t{len(list(tmp_path.iterdir()))}.json"
+        p.write_text(json.dumps(obj))
+        return str(p)
+
+    cases = [
+        (["--model-bytes", "inf"], "model_bytes=inf: expected a finite number"),
+        (["--model-bytes", "1e9", "--bucket-mb", "inf"], "--bucket-mb inf: expected a size"),
+        (["--model-bytes", "1e9", "--tensors", "-5"], "tensors=-5: expected >= 1"),
+    ]
+    for extra, msg in cases:
+        assert main(["simulate", "--topology", "nvlink8", *extra]) == 1
+        assert msg in capsys.readouterr().err
+    files = [
+        ([1, 2], "expected a JSON object"),
+        ({"simulator": None}, "'simulator' is a NoneType, expected an object"),
+    ]
+    for obj, msg in files:
+        assert main(["simulate", "--topology", table(obj), "--model-bytes", "1e9"]) == 1
+        assert msg in capsys.readouterr().err
+    base = {k: 1.0 for k in ("hash_Bps", "gather_Bps", "scatter_Bps", "coord_rtt_s")}
+    for bad, msg in (({**base, "bucket0_latency_s": 0.001, "bucket0_interval_s": {"1": 1e-3}},
+                      "bucket0_latency_s=0.001: expected an object of numbers by"),
+                     ({**base, "bucket0_latency_s": {"2": -0.5}, "bucket0_interval_s": {"1": 1e-3}},
+                      "bucket0_latency_s[2]=-0.5: expected a positive number"),
+                     ({**base, "bucket0_latency_s": {"x": 1e-3}, "bucket0_interval_s": {"1": 1e-3}},
+                      "bucket0_latency_s has key 'x': expected a count >= 1")):
+        assert main(["simulate", "--topology", table(bad), "--model-bytes", "1e9"]) == 1
+        assert msg in capsys.readouterr().err
