@@ -83,7 +83,7 @@ from .dist import launch_info
 from .doorbell import NACK, Doorbell, DoorbellError
 from .ipc import (CudaSourceExport, CudaSourceMaps, DirectUnavailable, HandleError, SlotRing,
                   SourceMaps, open_ring, share_host_tensors)
-from .transport import Transport, TransportError, create_transport, select_transport
+from .transport import Transport, TransportError, create_transport, not_ready, select_transport
 from .manifest import Manifest, ManifestError, dtype_name
 from .plan import Plan, SubscriberSpec, consumer_mask, make_plan
 
@@ -628,10 +628,16 @@ class Publisher:
             name = None if self._transport_spec in ("auto", None) else self._transport_spec
             sel = name or select_transport()
             if sel == "local" or self._transport_spec is None:
+                why = "; ".join(f"{k}: {v}" for k, v in
+                                select_transport(explain=True)["candidates"].items() if k != "local")
                 raise PublishError(
                     f"subscribers on node {node!r} cannot map this publisher's ring (node "
-                    f"{self.node!r}) and there is no inter-node transport: launch with mpirun or "
-                    "torchrun, install ucxx, or set HOTWEIGHTS_TRANSPORT")
+                    f"{self.node!r}) and there is no inter-node transport ({why}): launch with "
+                    "mpirun or torchrun, install ucxx, or set HOTWEIGHTS_TRANSPORT")
+            problem = not_ready(sel)
+            if problem is not None:  # starting it here would hang (Note [Transports])
+                raise PublishError(f"subscribers on node {node!r} need the {sel} transport: "
+                                   f"{problem}")
             self._transport = create_transport(sel)
             self._capabilities.update(transport=self._transport.name,
                                       address=getattr(self._transport, "listen_address",
@@ -1794,6 +1800,9 @@ class Subscriber:
 
     def _transport_for(self, name: str) -> Transport:
         if self._transport is None:
+            problem = not_ready(name)
+            if problem is not None:  # starting it here would hang (Note [Transports])
+                raise TransportError(f"the publisher relays over {name}: {problem}")
             kw = {"identity": self.client_id} if name == "ucx" else {}
             self._transport = create_transport(name, **kw)
             log.info("subscriber %s: relays for node %r over %s", self.name, self.node, name)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from hotweights import config
-from hotweights.transport import create_transport, select_transport
+from hotweights.transport import create_transport, not_ready, select_transport
 from transport_worker import SIZES, torch_child, ucx_child
 
 from utils import free_port
@@ -95,10 +95,17 @@ def test_selection_order_and_forcing(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert select_transport() == ("ucx" if has_ucx else "torch")
+    # a torchrun environment without a process group: starting one inside a publish would wait
+    # for every rank, so torch is passed over, and the reason says what to call
+    info = select_transport(explain=True)
+    assert info["selected"] == ("ucx" if has_ucx else "local")
+    assert "call torch.distributed.init_process_group() at start-up" in info["candidates"]["torch"]
+    assert "init_process_group" in not_ready("torch")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    if importlib.util.find_spec("mpi4py"):
-        assert select_transport() == "mpi"
+    if importlib.util.find_spec("mpi4py") and "mpi4py.MPI" not in sys.modules:
+        info = select_transport(explain=True)
+        assert "`from mpi4py import MPI` at start-up in every rank" in info["candidates"]["mpi"]
+        assert info["selected"] != "mpi"
     monkeypatch.setenv("HOTWEIGHTS_TRANSPORT", "local")
     config.reset()
     info = select_transport(explain=True)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Any
 
 from .. import config as _config
 from .base import Pending, Transport, TransportError
 
-__all__ = ["select_transport", "create_transport", "Transport", "Pending", "TransportError"]
+__all__ = ["select_transport", "create_transport", "not_ready", "Transport", "Pending",
+           "TransportError"]
 
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 _TORCH_ENV = ("MASTER_ADDR", "RANK", "WORLD_SIZE")
@@ -30,6 +32,34 @@ _TORCH_ENV = ("MASTER_ADDR", "RANK", "WORLD_SIZE")
 
 def _under_mpi() -> str | None:
     return next((k for k in _MPI_ENV if k in os.environ), None)
+
+
+def not_ready(name: str) -> str | None:
+    """Why transport ``name`` cannot be started here by this process alone, or None.
+
+    MPI and torch.distributed start with a step every rank of the job must take (Open MPI's
+    MPI_Init exchanges addresses with every rank; init_process_group waits for WORLD_SIZE
+    ranks). hotweights creates its transport inside ``publish`` or a relay, in the processes
+    that need one: starting MPI or a process group there would hang until every other rank did
+    the same, which they never do. So both must already be running (the application starts
+    them in every rank at start-up); UCX connects point to point and starts alone."""
+    if name == "mpi":
+        mod = sys.modules.get("mpi4py.MPI")
+        if mod is not None and mod.Is_initialized() and not mod.Is_finalized():
+            return None
+        if _under_mpi():
+            return ("launched by mpirun, but MPI is not initialised in this process: `from "
+                    "mpi4py import MPI` at start-up in every rank (MPI_Init waits for every rank)")
+        return None  # a singleton (no launcher): MPI_Init involves this process only
+    if name == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return None
+        return ("no torch.distributed process group in this process: call "
+                "torch.distributed.init_process_group() at start-up in every rank (it waits "
+                "for every rank)")
+    return None
 
 
 def select_transport(forced: str | None = None, explain: bool = False) -> Any:
@@ -45,8 +75,8 @@ def select_transport(forced: str | None = None, explain: bool = False) -> Any:
     cands: dict[str, str] = {}
     env = _under_mpi()
     has_mpi4py = importlib.util.find_spec("mpi4py") is not None
-    cands["mpi"] = ("ok" if env and has_mpi4py else
-                    "mpi4py not installed" if not has_mpi4py else "not launched by mpirun/mpiexec")
+    cands["mpi"] = ("mpi4py not installed" if not has_mpi4py else
+                    "not launched by mpirun/mpiexec" if not env else not_ready("mpi") or "ok")
     has_ucx = importlib.util.find_spec("ucxx") is not None
     cands["ucx"] = "ok" if has_ucx else "ucxx not installed"
     import torch.distributed as dist
@@ -54,7 +84,7 @@ def select_transport(forced: str | None = None, explain: bool = False) -> Any:
     if dist.is_available() and dist.is_initialized():
         cands["torch"] = "ok (process group initialised)"
     elif dist.is_available() and all(k in os.environ for k in _TORCH_ENV):
-        cands["torch"] = "ok (torchrun environment)"
+        cands["torch"] = "torchrun environment, but " + not_ready("torch")
     else:
         cands["torch"] = "no process group and no MASTER_ADDR/RANK/WORLD_SIZE"
     cands["local"] = "ok (single node)"
