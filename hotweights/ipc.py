@@ -304,7 +304,8 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
     ``share_memory_`` mechanism: every tensor, view or alias of a storage, in or outside
     ``tensors``, keeps pointing at it) and describes where each tensor lives:
     ``{"pid", "st": [[fd, inode, nbytes], ...], "sidx": int32[n], "soff": int64[n],
-    "moved": bytes copied now}``. Storages already in shared memory are not copied again.
+    "moved": bytes copied now}``. Storages already in shared memory are not copied again; a
+    tensor with no bytes has no storage to share (``sidx`` -1: nothing ever reads it).
     Raises DirectUnavailable."""
     storages: dict[int, int] = {}  # StorageImpl address -> index in st
     st, sidx, soff = [], np.empty(len(tensors), np.int32), np.empty(len(tensors), np.int64)
@@ -317,6 +318,9 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
         if _pinned(t):
             raise DirectUnavailable(f"tensor {i} is in pinned memory (moving it would unpin it)")
         s = t.untyped_storage()
+        if not s.nbytes():
+            sidx[i] = -1
+            continue
         if s._cdata not in storages:
             storages[s._cdata] = len(pending)
             pending.append(s)
@@ -331,12 +335,12 @@ def share_host_tensors(tensors: list[torch.Tensor]) -> dict[str, Any]:
     for s in pending:
         try:
             fd, nbytes = s._share_fd_cpu_()  # in place; a no-op when already shared
+            st.append([int(fd), int(os.fstat(fd).st_ino), int(nbytes)])
         except Exception as e:  # e.g. file-backed (mmap-loaded) storages, fd limits
             raise DirectUnavailable(f"a storage of {s.nbytes()} bytes cannot move to shared "
                                     f"memory: {type(e).__name__}: {e}") from None
-        st.append([int(fd), int(os.fstat(fd).st_ino), int(nbytes)])
     for i, t in enumerate(tensors):  # offsets after the move: the storage's address changed
-        soff[i] = t.data_ptr() - pending[sidx[i]].data_ptr()
+        soff[i] = t.data_ptr() - pending[sidx[i]].data_ptr() if sidx[i] >= 0 else 0
     return {"pid": os.getpid(), "st": st, "sidx": sidx, "soff": soff, "moved": moved}
 
 

@@ -67,6 +67,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -74,6 +75,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import _C, ops
 from . import config as _config
@@ -182,6 +184,10 @@ def _tensors_of(source) -> dict[str, torch.Tensor]:
 
 
 def _device_of(tensors: Mapping[str, torch.Tensor]) -> torch.device:
+    for n, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"Publisher: source entry {n!r} is a {type(t).__name__}, expected a "
+                            "tensor")
     devs = {t.device for t in tensors.values()}
     if len(devs) > 1:
         raise ValueError(f"Publisher: all tensors must live on one device, got {sorted(map(str, devs))}")
@@ -260,6 +266,8 @@ class Publisher:
         _metrics.autostart(self.cfg)  # HOTWEIGHTS_METRICS_PORT (+ local rank); off by default
         if change_tracking not in ("hash", "version"):
             raise ValueError(f"Publisher: change_tracking={change_tracking!r}, expected 'hash' or 'version'")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Publisher: name={name!r}, expected a non-empty string")
         # Note [Change tracking]: "hash" re-hashes every tensor at every publish (always right).
         # "version" re-hashes only tensors whose storage, shape, dtype or autograd version counter
         # changed since the last publish, or whose optimizer stepped (step hooks below: fused
@@ -269,6 +277,10 @@ class Publisher:
         self._known: dict[str, tuple] = {}       # name -> (ptr, version, shape, dtype, checksum)
         self._last_snapshot: tuple | None = None  # ((names, shapes+dtypes), Manifest)
         self._dirty: set[int] = set()            # ids of tensors an optimizer stepped
+        if isinstance(optimizers, torch.optim.Optimizer) or not all(
+                isinstance(o, torch.optim.Optimizer) for o in optimizers):
+            raise TypeError(f"Publisher: optimizers is a {type(optimizers).__name__}, expected "
+                            "a list of torch.optim.Optimizer")
         self._hooks = [opt.register_step_post_hook(self._on_optimizer_step) for opt in optimizers]
         self._source = source
         self._bucket_source = isinstance(source, BucketSource)  # Note [Bucket sources]
@@ -277,6 +289,10 @@ class Publisher:
         tensors = None if self._bucket_source else _tensors_of(source)  # (a callable: called once)
         self.device = (torch.device(source.device) if self._bucket_source
                        else _device_of(tensors))
+        for what, v, lo in (("bucket_bytes", bucket_bytes, 256), ("slots", slots, 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise ValueError(f"Publisher: {what}={v!r}, expected None (the setting) or an "
+                                 f"integer >= {lo}")
         self.bucket_bytes = int(bucket_bytes or self.cfg.bucket_bytes)
         # direct versions: at least DIRECT_BUCKET_BYTES, unless bucket_bytes was given
         direct_min = DIRECT_BUCKET_BYTES
@@ -428,6 +444,12 @@ class Publisher:
         quorum committed it. Returns what moved and the timings; raises PublishError when the
         version is aborted. The source must not be modified until this returns.
         ``progress(bytes_acked, bytes_total)`` is called as buckets are acknowledged."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise ValueError(f"publish: timeout={timeout!r}, expected a number of seconds > 0")
+        if label is not None and (not isinstance(label, str) or len(label) > 200):
+            raise ValueError(f"publish: label={label!r:.60}, expected a str of at most 200 "
+                             "characters")
         with self._lock:
             if self._closed:
                 raise PublishError("publisher is closed")
@@ -512,6 +534,17 @@ class Publisher:
             except TimeoutError:
                 self.client.abort(self.client_id, self.name, version, f"timeout after {timeout} s")
                 info = self.client.version(self.name, version)
+        except BaseException as e:  # Ctrl-C, or a bug: the version must not stay in flight
+            try:                    # (its subscribers would wait for it until it times out)
+                self.client.abort(self.client_id, self.name, version,
+                                  f"publish interrupted: {type(e).__name__}")
+            except Exception as e2:  # decided meanwhile, or the coordinator is gone
+                log.info("publisher %s: abort of interrupted version %d: %s", self.name,
+                         version, e2)
+            if self._closed and isinstance(e, Exception):
+                raise PublishError(f"publisher {self.name!r} was closed while version {version} "
+                                   "was being published") from e
+            raise
         finally:
             with self._cv:
                 xfer.done.set()
@@ -665,18 +698,27 @@ class Publisher:
         # state_dict() aliases share version counters with these; only needed (and built,
         # ~3 us per parameter) when an optimizer step marked some dirty
         params = self._params if dirty else {}
+        refs: list = []
         for i, (n, t) in enumerate(tensors.items()):
-            key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+            # The storage itself is in the key, not only its address: a new tensor can be
+            # allocated where a freed one was, with a fresh version counter (0 again). The
+            # weak reference kept with the entry keeps the old StorageImpl's address from
+            # being reused while it is remembered, and tells when it was freed.
+            st = t.untyped_storage()
+            key = (st._cdata, t.data_ptr(), t._version, tuple(t.shape), t.dtype)
             k = self._known.get(n)
-            if k is not None and k[:4] == key and id(params.get(n, t)) not in dirty:
-                sums[i] = k[4]
+            if (k is not None and k[:5] == key and not k[6].expired()
+                    and id(params.get(n, t)) not in dirty):
+                sums[i] = k[5]
+                refs.append(k[6])
             else:
                 todo.append(i)
+                refs.append(StorageWeakRef(st))
             keys.append(key)
         if todo:
             sums[todo] = ops.checksum_batch([tensors[names[i]].detach() for i in todo])
-        self._known = {n: (*keys[i], sums[i]) for i, n in enumerate(names)}
-        layout = (names, [k[2:] for k in keys])  # names, shapes and dtypes, in order
+        self._known = {n: (*keys[i], sums[i], refs[i]) for i, n in enumerate(names)}
+        layout = (names, [k[3:] for k in keys])  # names, shapes and dtypes, in order
         last = self._last_snapshot
         if last is not None and last[0] == layout:  # the usual case: only values changed
             m = last[1].with_checksums(sums, label=label, parent=self.version)
@@ -747,12 +789,14 @@ class Publisher:
                         return  # committed or aborted meanwhile: nothing left to send
             try:
                 self._send_bucket(xfer, b, slot, src, manifest, last=not queue)
-            except Exception as e:  # a send that failed frees its slot and aborts the version
+            except BaseException as e:  # a send that failed frees its slot and aborts the version
                 with self._cv:
                     if slot is not None:
                         self._free.append(slot)
                     xfer.failed = f"sending bucket {b} failed: {type(e).__name__}: {e}"
                     self._cv.notify_all()
+                if not isinstance(e, Exception):  # Ctrl-C: _publish aborts the version
+                    raise
                 return
 
     def _decided(self, xfer: _Transfer) -> bool:
@@ -856,7 +900,7 @@ class Publisher:
                     pend = self._transport.isend(self.ring.slot(slot)[:used], peer, tag)
                     self._inflight[hid][5].append(pend)
                     self.stats["relayed_bytes"] += used
-        except Exception:
+        except BaseException:  # (Ctrl-C too) the caller frees the slot
             with self._cv:
                 self._inflight.pop(hid, None)
                 self._rung.pop(hid, None)
@@ -1433,9 +1477,17 @@ class Subscriber:
                 if ev.get("truncated"):
                     log.warning("subscriber %s: event log truncated; resyncing", self.name)
                 after = ev["last"]
+                gone = False
                 for e in ev["events"]:  # the newest committed version, for the lag metric
                     if e.get("type") == "commit":
                         self.current_version = max(self.current_version or 0, int(e["version"]))
+                    elif (e.get("type") == "client" and e.get("role") == "publisher"
+                          and e.get("action") in ("dead", "left", "purged")
+                          and (e.get("client_id") in self._rings
+                               or e.get("client_id") in self._source_pids)):
+                        gone = True
+                if gone:  # an idle subscriber too lets a dead publisher's memory go now
+                    self._drop_dead_rings()
                 self.metrics.lag(self.current_version, self.version)
                 news = {e["version"]: e for e in ev["events"] if e.get("type") == "version"}
                 versions = sorted(news)
