@@ -68,6 +68,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -1481,11 +1482,8 @@ class Subscriber:
                 for e in ev["events"]:  # the newest committed version, for the lag metric
                     if e.get("type") == "commit":
                         self.current_version = max(self.current_version or 0, int(e["version"]))
-                    elif (e.get("type") == "client" and e.get("role") == "publisher"
-                          and e.get("action") in ("dead", "left", "purged")
-                          and (e.get("client_id") in self._rings
-                               or e.get("client_id") in self._source_pids)):
-                        gone = True
+                    elif e.get("type") == "client" and e.get("role") == "publisher":
+                        gone = gone or self._publisher_gone(e)
                 if gone:  # an idle subscriber too lets a dead publisher's memory go now
                     self._drop_dead_rings()
                 self.metrics.lag(self.current_version, self.version)
@@ -1904,6 +1902,28 @@ class Subscriber:
         except (TransportError, TimeoutError, CoordinatorError) as e:
             relay.release(slot)
             return False, f"relay of bucket {b} to node {self.node!r} failed: {e}", None
+
+    def _publisher_gone(self, e: dict) -> bool:
+        """Whether a publisher's client event means memory we map from it can go now: it
+        died, or it left and its process is gone too (a process that closed one publisher
+        session and opened another keeps its storages: they stay mapped)."""
+        cid, action = e.get("client_id"), e.get("action")
+        if cid not in self._rings and cid not in self._source_pids:
+            return False
+        if action in ("dead", "purged"):
+            return True
+        if action != "left":
+            return False
+        pid = self._source_pids.get(cid)
+        if pid is None:
+            return True  # a ring only: the next session makes a new one
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass  # alive, not ours to signal
+        return False
 
     def _drop_dead_rings(self, alive: str | None = None) -> None:
         """Unmaps the rings (and directly read storages) of publishers that left or died, so
