@@ -445,18 +445,26 @@ def _remove(metric, **labels) -> None:
 # --------------------------------------------------------------------------- rank, exporter
 
 
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                    "SLURM_LOCALID")
+
+
 def local_rank() -> int:
-    """This process's local rank: LOCAL_RANK (torchrun, most launchers), else 0."""
-    raw = os.environ.get("LOCAL_RANK", "").strip()
-    if not raw:
-        return 0
-    try:
-        r = int(raw)
-    except ValueError:
-        raise MetricsError(f"LOCAL_RANK={raw!r}: expected a non-negative integer") from None
-    if r < 0:
-        raise MetricsError(f"LOCAL_RANK={raw!r}: expected a non-negative integer")
-    return r
+    """This process's local rank: the first of LOCAL_RANK (torchrun), OMPI_COMM_WORLD_LOCAL_RANK
+    (Open MPI's mpirun), MPI_LOCALRANKID (MPICH, Intel MPI) and SLURM_LOCALID (srun) that is
+    set, else 0."""
+    for var in _LOCAL_RANK_VARS:
+        raw = os.environ.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            r = int(raw)
+        except ValueError:
+            raise MetricsError(f"{var}={raw!r}: expected a non-negative integer") from None
+        if r < 0:
+            raise MetricsError(f"{var}={raw!r}: expected a non-negative integer")
+        return r
+    return 0
 
 
 _rank: str | None = None
@@ -566,7 +574,8 @@ def autostart(cfg=None) -> int | None:
         return None
     r = local_rank()
     port = cfg.metrics_port + r
-    src = f"HOTWEIGHTS_METRICS_PORT={cfg.metrics_port} + LOCAL_RANK={r}"
+    var = next((v for v in _LOCAL_RANK_VARS if os.environ.get(v, "").strip()), "LOCAL_RANK")
+    src = f"HOTWEIGHTS_METRICS_PORT={cfg.metrics_port} + {var}={r}"
     if port > 65535:
         raise MetricsError(f"metrics exporter: {src} = {port} is above 65535")
     return start_exporter(port, cfg.metrics_addr, rank=r, source=src)

@@ -1718,7 +1718,7 @@ class Subscriber:
         if "direct" in p:
             return self._read_direct(h["owner"], plan, b, p["direct"], shadows)
         try:
-            src_ring = self._ring_of(h["owner"])
+            src_ring = self._ring_of(h["owner"], p.get("ring_id"))
         except Exception as e:
             return _done((False, f"cannot import the ring of {h['owner']}: {e}", None))
         return self._scatter(src_ring, plan, b, int(p["slot"]), int(p["digest"]), shadows)
@@ -1789,9 +1789,13 @@ class Subscriber:
         acks, self._acks = self._acks, []
         concurrent.futures.wait(acks, timeout=self.cfg.version_timeout_s)
 
-    def _ring_of(self, publisher_id: str):
-        """The publisher's ring, imported once per publisher (Note [CUDA IPC lifetime])."""
+    def _ring_of(self, publisher_id: str, ring_id: str | None = None):
+        """The publisher's ring, imported once per publisher (Note [CUDA IPC lifetime]); again
+        when a handle names another ring of it (a node leader's relay ring that grew)."""
         ring = self._rings.get(publisher_id)
+        if ring is not None and ring_id is not None and ring.id != ring_id:
+            self._rings.pop(publisher_id).close()
+            ring = None
         if ring is None:
             pub = self.client.get_client(publisher_id)
             ring = open_ring(pub["capabilities"]["ring"], self.device)
@@ -1867,8 +1871,18 @@ class Subscriber:
         when we need it ourselves) and re-announces it to our node (Note [Hierarchy])."""
         if self.before_relay is not None:
             self.before_relay(version, b)
+        need_bytes = max(int(rinfo["slot_bytes"]), int(rinfo["nbytes"]))
+        if self._relay is not None and self._relay.ring.slot_bytes < need_bytes:
+            # a publisher with larger buckets than the one the relay ring was made for: a
+            # larger ring once nothing is held in this one (node-mates re-import it by id)
+            if not self._relay.idle():
+                return False, (f"relay of node {self.node!r}: bucket {b} has {need_bytes} bytes, "
+                               f"the relay ring's slots {self._relay.ring.slot_bytes} and some "
+                               "are still held; resized once they are released"), None
+            self._relay.close()
+            self._relay = None
         if self._relay is None:
-            self._relay = _Relay(self, int(rinfo["slot_bytes"]))
+            self._relay = _Relay(self, need_bytes)
         relay = self._relay
         try:
             slot = relay.acquire(self.cfg.handle_ttl)
@@ -2235,6 +2249,11 @@ class _Relay:
     def hold(self, hid: str, slot: int) -> None:
         with self._cv:
             self._held[hid] = slot
+
+    def idle(self) -> bool:
+        """No slot is held by a handle or being filled."""
+        with self._cv:
+            return not self._held and len(self._free) == self.ring.slots
 
     def release(self, slot: int) -> None:
         with self._cv:

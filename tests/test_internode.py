@@ -161,3 +161,54 @@ def _raises(fn, *args):
     except Exception as e:
         return e
     return None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed")
+def test_a_relay_ring_grows_for_a_publisher_with_larger_buckets(monkeypatch):
+    """A node leader's relay ring is sized by the first publisher it relays for; a later
+    publisher session with larger buckets gets a larger ring (node-mates re-import it by id)
+    instead of truncated receives."""
+    for k, v in FAST.items():
+        monkeypatch.setenv(k, v)
+    config.reset()
+    coord = start_embedded()
+    ctx = mp.get_context("spawn")
+    q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=subscriber, daemon=True,
+                         args=(i, coord.endpoint, {**FAST, "HOTWEIGHTS_NODE_ID": "node1",
+                                                   "KILL_IN_VERSION": "99"}, q, stop, mid))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    pub = None
+    try:
+        for _ in procs:
+            q.get(timeout=60)
+        for version, bucket_bytes in ((1, 16384), (2, 1 << 20)):
+            pub = hotweights.Publisher(src, name="net", endpoint=coord.endpoint, node="node0",
+                                       bucket_bytes=bucket_bytes, slots=4, serve_late=False,
+                                       transport="ucx")
+            with torch.no_grad():
+                src[0].weight.add_(1)
+            assert pub.publish(f"v{version}", timeout=60).version == version
+            got, end = {}, time.monotonic() + 60
+            while len(got) < 2:
+                msg = q.get(timeout=max(0.1, end - time.monotonic()))
+                assert msg[0] != "error", msg
+                if msg[0] == "applied" and msg[2] == version:
+                    got[msg[1]] = msg
+            want = Manifest.from_state_dict(src).digest
+            assert all(m[3] == want for m in got.values())
+            pub.close()
+            pub = None
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+        if pub is not None:
+            pub.close()
+        coord.stop()

@@ -475,6 +475,23 @@ def test_autostart_uses_port_plus_local_rank(monkeypatch, exporter_reset):
         metrics.autostart(hotweights.config.load({"HOTWEIGHTS_METRICS_PORT": "65534"}))
 
 
+def test_local_rank_under_mpirun_and_srun(monkeypatch):
+    """Open MPI's mpirun sets no LOCAL_RANK: without its own variable every rank after the
+    first on a host would collide on the base port."""
+    for v in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        monkeypatch.delenv(v, raising=False)
+    assert metrics.local_rank() == 0
+    for var in ("SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "2")
+        assert metrics.local_rank() == 2
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's wins
+    assert metrics.local_rank() == 1
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "x")
+    with pytest.raises(metrics.MetricsError, match="OMPI_COMM_WORLD_LOCAL_RANK='x'"):
+        metrics.local_rank()
+
+
 # --------------------------------------------------------------------------- definitions
 
 
