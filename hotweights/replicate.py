@@ -1905,11 +1905,12 @@ class Subscriber:
                 err = None if ok else f"checksum mismatch in relayed bucket {b}"
             if ok and rinfo["to"]:
                 hid = uuid.uuid4().hex
-                relay.hold(hid, slot)
-                self.client.post_handle(self.client_id, self.name, version,
-                                        {"bucket": b, "slot": slot, "digest": digest,
-                                         "ring_id": relay.ring.id, "relayed": True},
-                                        consumers=list(rinfo["to"]), handle_id=hid)
+                post = {"version": version, "consumers": list(rinfo["to"]), "attempt": 1,
+                        "payload": {"bucket": b, "slot": slot, "digest": digest,
+                                    "ring_id": relay.ring.id, "relayed": True}}
+                relay.hold(hid, slot, post)
+                self.client.post_handle(self.client_id, self.name, version, post["payload"],
+                                        consumers=post["consumers"], handle_id=hid)
             else:
                 relay.release(slot)
             return ok, err, partials
@@ -2246,9 +2247,11 @@ class _Relay:
                 self._cv.wait(left)
             return self._free.pop()
 
-    def hold(self, hid: str, slot: int) -> None:
+    def hold(self, hid: str, slot: int, post: dict) -> None:
+        """Slot ``slot`` stays until handle ``hid`` (``post``: what was posted, to post it
+        again for node-mates that nack it or let its lease run out) is released."""
         with self._cv:
-            self._held[hid] = slot
+            self._held[hid] = (slot, post)
 
     def idle(self) -> bool:
         """No slot is held by a handle or being filled."""
@@ -2273,14 +2276,48 @@ class _Relay:
                     time.sleep(0.5)
                     continue
                 self._after = r["last"]
+                again = []
                 with self._cv:
                     for rel in r["released"]:
-                        slot = self._held.pop(rel["handle_id"], None)
-                        if slot is not None:
-                            self._free.append(slot)
+                        held = self._held.pop(rel["handle_id"], None)
+                        if held is None:
+                            continue
+                        slot, post = held
+                        who = [c for c in (*rel.get("errors", {}), *rel.get("missing", ()))
+                               if c in post["consumers"]]
+                        if who and rel["reason"] in ("nacked", "expired") and post["attempt"] < 3:
+                            again.append((slot, post, who, rel))
+                            continue
+                        if who and rel["reason"] != "aborted":
+                            log.error("relay %s: bucket %d of version %d failed 3 times for %s "
+                                      "(%s)", self.sub.name, post["payload"]["bucket"],
+                                      post["version"], who, rel.get("errors") or rel["reason"])
+                        self._free.append(slot)
                     self._cv.notify_all()
+                for slot, post, who, rel in again:
+                    self._post_again(slot, post, who, rel)
         finally:
             client.release_thread()
+
+    def _post_again(self, slot: int, post: dict, who: list[str], rel: dict) -> None:
+        """Posts a held bucket once more for the node-mates that nacked it or let it expire
+        (the bytes are still in the slot; a same-node ring bucket is re-sent by its publisher
+        the same way)."""
+        b = post["payload"]["bucket"]
+        log.warning("relay %s: re-posting bucket %d of version %d for %s (%s)", self.sub.name,
+                    b, post["version"], who, rel.get("errors") or rel["reason"])
+        post = {**post, "consumers": who, "attempt": post["attempt"] + 1}
+        hid = uuid.uuid4().hex
+        self.hold(hid, slot, post)
+        try:
+            self.sub.client.post_handle(self.sub.client_id, self.sub.name, post["version"],
+                                        post["payload"], consumers=who, handle_id=hid)
+        except Exception as e:  # the version is over, say: the slot comes back
+            log.info("relay %s: re-post of bucket %d failed: %s", self.sub.name, b, e)
+            with self._cv:
+                if self._held.pop(hid, None) is not None:
+                    self._free.append(slot)
+                self._cv.notify_all()
 
     def close(self) -> None:
         self._closed = True

@@ -25,6 +25,20 @@ def subscriber(i: int, endpoint: str, env: dict, q, stop, mid) -> None:
             time.sleep(3600)
 
     h._sub.before_relay = hold
+    nack_in = int(env.get("NACK_RELAYED_IN_VERSION", "0"))
+    if nack_in:  # refuse the first relayed bucket of that version once (a bad read)
+        from hotweights import replicate
+
+        sub, take, done = h._sub, h._sub._take, []
+
+        def nack_once(version, plan, hd, b, needed, shadows):
+            if version == nack_in and needed and hd["payload"].get("relayed") and not done:
+                done.append(b)
+                q.put(("nacked", i, version, b))
+                return replicate._done((False, f"injected: bucket {b} read wrong", None))
+            return take(version, plan, hd, b, needed, shadows)
+
+        sub._take = nack_once
     q.put(("ready", i, h.client_id, os.getpid()))
     try:
         while not stop.is_set():

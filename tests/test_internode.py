@@ -212,3 +212,55 @@ def test_a_relay_ring_grows_for_a_publisher_with_larger_buckets(monkeypatch):
         if pub is not None:
             pub.close()
         coord.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed")
+def test_a_relayed_bucket_a_node_mate_nacks_is_posted_again(monkeypatch):
+    """The leader acked the publisher already: the re-send of a bucket a node-mate could not
+    read is the leader's, from the slot it still holds (as the publisher re-sends a same-node
+    ring bucket); the version commits instead of waiting out its timeout."""
+    for k, v in FAST.items():
+        monkeypatch.setenv(k, v)
+    config.reset()
+    coord = start_embedded()
+    ctx = mp.get_context("spawn")
+    q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
+    env = {**FAST, "HOTWEIGHTS_NODE_ID": "node1", "KILL_IN_VERSION": "99",
+           "NACK_RELAYED_IN_VERSION": "2"}
+    procs = [ctx.Process(target=subscriber, daemon=True, args=(i, coord.endpoint, env, q, stop, mid))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    pub = hotweights.Publisher(src, name="net", endpoint=coord.endpoint, node="node0",
+                               bucket_bytes=16384, slots=4, serve_late=False, transport="ucx")
+    try:
+        for _ in procs:
+            q.get(timeout=60)
+        nacked = []
+        for version in (1, 2):
+            with torch.no_grad():
+                src[0].weight.add_(1)
+            t0 = time.monotonic()
+            assert pub.publish(f"v{version}", timeout=60).version == version
+            assert time.monotonic() - t0 < 30  # not the version timeout
+            got, end = {}, time.monotonic() + 60
+            while len(got) < 2:
+                msg = q.get(timeout=max(0.1, end - time.monotonic()))
+                assert msg[0] != "error", msg
+                if msg[0] == "nacked":
+                    nacked.append(msg)
+                if msg[0] == "applied" and msg[2] == version:
+                    got[msg[1]] = msg
+            want = Manifest.from_state_dict(src).digest
+            assert all(m[3] == want for m in got.values())
+        assert len(nacked) == 1  # the injected refusal happened, and was repaired
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+        pub.close()
+        coord.stop()
