@@ -261,6 +261,7 @@ _SETTINGS: tuple[Setting, ...] = (
     # transports
     _s("transport", "auto", _choice("auto", "mpi", "ucx", "torch", "local"), "Inter-node transport (auto: MPI > UCX > torch.distributed).", "transport"),
     _s("node_id", None, _opt_str, "Node identity for the hierarchy (default: the hostname).", "transport"),
+    _s("ucx_host", None, _opt_str, "Address the UCX transport advertises to other nodes (default: the hostname's address, or the interface that reaches the coordinator when that is a loopback).", "transport"),
     # training
     _s("opt_policy", "preserve", _choice("preserve", "reset", "attenuate", "reset_step"), "Optimizer-state policy for changed parameters at commit.", "training"),
     _s("opt_attenuation", 0.5, _float(0, 1, lo_open=True), "Factor for opt_policy=attenuate (scales the first moment).", "training"),

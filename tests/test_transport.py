@@ -113,3 +113,30 @@ def test_selection_order_and_forcing(monkeypatch):
     assert create_transport("local") is None
     with pytest.raises(Exception, match="unknown transport 'carrier-pigeon'"):
         create_transport("carrier-pigeon")
+
+
+def test_ucx_advertises_an_address_other_nodes_can_reach(monkeypatch):
+    import socket
+
+    from hotweights.transport import ucx
+
+    monkeypatch.setenv("HOTWEIGHTS_UCX_HOST", "10.9.9.9")
+    config.reset()
+    assert ucx._host() == "10.9.9.9"
+    monkeypatch.delenv("HOTWEIGHTS_UCX_HOST")
+    # /etc/hosts maps the hostname to a loopback address: the coordinator's route decides
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    monkeypatch.setenv("HOTWEIGHTS_COORD_ENDPOINT", "tcp://192.0.2.77:5555")
+    config.reset()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.77", 9))
+            routed = s.getsockname()[0]
+    except OSError:
+        routed = "127.0.0.1"
+    if routed.startswith("127."):
+        pytest.skip("no route off this host")
+    assert ucx._host() == routed
+    monkeypatch.setenv("HOTWEIGHTS_COORD_ENDPOINT", "tcp://127.0.0.1:5555")  # one host: loopback
+    config.reset()
+    assert ucx._host() == "127.0.1.1"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import threading
 
@@ -23,11 +24,32 @@ log = logging.getLogger("hotweights")
 
 
 def _host() -> str:
-    name = socket.gethostname()
+    """The address other nodes reach this listener at: HOTWEIGHTS_UCX_HOST, else the hostname's
+    address, unless that is a loopback (/etc/hosts often maps the hostname to 127.0.x.1): then
+    the address of the interface that routes to the coordinator (a UDP connect sends nothing)."""
+    cfg = _config.get()
+    if cfg.ucx_host:
+        return cfg.ucx_host
     try:
-        return socket.gethostbyname(name)
+        addr = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        addr = "127.0.0.1"
+    if not addr.startswith("127."):
+        return addr
+    m = re.match(r"tcp://\[?([^\]/]+?)\]?:\d+$", (cfg.coord_endpoint or "").split(",")[0].strip())
+    coord = m.group(1) if m else None
+    if coord and coord not in ("*", "0.0.0.0", "localhost") and not coord.startswith("127."):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((coord, 9))
+                out = s.getsockname()[0]
+            if not out.startswith("127."):
+                return out
+        except OSError:
+            pass
+    log.warning("UCX transport: this host's name resolves to %s, a loopback address; other "
+                "nodes cannot reach it there: set HOTWEIGHTS_UCX_HOST to this node's address", addr)
+    return addr
 
 
 class UCXTransport(Transport):
