@@ -2166,8 +2166,11 @@ class Subscriber:
             return False, f"scatter of bucket {b} failed: {type(e).__name__}: {e}", None
         t_verify = time.perf_counter()
         got = ops.bucket_digest(partials, ln)
-        self.metrics.bucket(_metrics.path_label(ring.source_device, self.device), int(ln.sum()),
-                            t_verify - t_scatter, time.perf_counter() - t_verify, got == digest)
+        # a node leader's own bucket came from another node, through its relay ring
+        path = ("node->node" if self._relay is not None and ring is self._relay.ring
+                else _metrics.path_label(ring.source_device, self.device))
+        self.metrics.bucket(path, int(ln.sum()), t_verify - t_scatter,
+                            time.perf_counter() - t_verify, got == digest)
         if got != digest:
             return False, (f"checksum mismatch in bucket {b}: got {got:016x}, expected "
                            f"{digest:016x}"), None
