@@ -11,6 +11,7 @@ truncated, foreign or stale handle is a clear error. See Note [Shared-memory lif
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import resource
 import threading
@@ -53,8 +54,14 @@ class _CudaArray:
 
 
 def _check_slot(i: int, slots: int) -> int:
-    if not isinstance(i, int) or not 0 <= i < slots:
-        raise IndexError(f"slot {i!r} out of range for a ring of {slots} slots")
+    if isinstance(i, bool):
+        raise TypeError(f"slot {i!r}: expected an integer index")
+    try:
+        i = operator.index(i)  # numpy integers too
+    except TypeError:
+        raise TypeError(f"slot {i!r}: expected an integer index") from None
+    if not 0 <= i < slots:
+        raise IndexError(f"slot {i} out of range for a ring of {slots} slots")
     return i
 
 

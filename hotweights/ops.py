@@ -10,6 +10,7 @@ the same bytes give the same 64-bit value on CPU and CUDA.
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 import threading
 from typing import Sequence
@@ -83,7 +84,7 @@ def checksum_batch(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     out = np.zeros(len(tensors), dtype=np.uint64)
     by_dev: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
-        by_dev.setdefault(t.device, []).append(i)
+        by_dev.setdefault(_contig(t, "checksum_batch").device, []).append(i)
     for dev, idx in by_dev.items():
         if dev.type == "cpu":
             ptrs = np.fromiter((tensors[i].data_ptr() for i in idx), np.uint64, len(idx))
@@ -214,8 +215,33 @@ def _cuda_engine(device: int, st: CopySettings):
     return _engine("cuda", device, st.chunk_bytes, st.streams, round(_config.get().spin_s * 1e9))
 
 
+# Batches whose handle went away before they finished (dropped unwaited, or a synchronous call
+# that timed out): their completion and tensors stay referenced until they are done, so the
+# engine never writes into freed memory. Pruned whenever a new batch starts.
+_UNFINISHED: list[tuple] = []
+_UNFINISHED_LOCK = threading.Lock()
+
+
+def _prune_unfinished() -> None:
+    if _UNFINISHED:
+        with _UNFINISHED_LOCK:
+            _UNFINISHED[:] = [u for u in _UNFINISHED if not u[0].done()]
+
+
+def _wait_arg(timeout: float | None) -> float:
+    """A wait's timeout for the engine: -1 waits without limit (None, inf, or beyond what a
+    clock converts without overflowing)."""
+    if timeout is None:
+        return -1.0
+    t = float(timeout)
+    if math.isnan(t) or t < 0:
+        raise ValueError(f"wait: timeout={timeout!r}, expected None or a number of seconds >= 0")
+    return -1.0 if t > 1e9 else t
+
+
 class CopyHandle:
-    """Completion of an asynchronous batch: keeps its tensors alive until it is done.
+    """Completion of an asynchronous batch: keeps its tensors alive until it is done (also
+    after the handle itself is dropped unwaited).
 
     ``wait(timeout)`` raises TimeoutError when the batch is not done in time (the batch keeps
     running and may be waited on again), and re-raises a copy error. On CUDA, ``wait`` blocks
@@ -223,10 +249,23 @@ class CopyHandle:
     """
 
     def __init__(self, completion, keepalive, hashed_nbytes: np.ndarray | None):
+        _prune_unfinished()
         self._c = completion
         self._keep = keepalive
         self._hashed = hashed_nbytes  # bytes of each hashed piece
         self._lock = threading.Lock()
+
+    def __del__(self):
+        keep = getattr(self, "_keep", None)
+        c = getattr(self, "_c", None)
+        if keep is not None and c is not None:
+            try:
+                running = not c.done()
+            except Exception:
+                return
+            if running:
+                with _UNFINISHED_LOCK:
+                    _UNFINISHED.append((c, keep))
 
     def done(self) -> bool:
         """True when every copy of the batch finished."""
@@ -234,7 +273,7 @@ class CopyHandle:
 
     def wait(self, timeout: float | None = None) -> "CopyHandle":
         """Blocks until done (or ``timeout`` seconds); raises TimeoutError or the copy error."""
-        if not self._c.wait(-1.0 if timeout is None else float(timeout)):
+        if not self._c.wait(_wait_arg(timeout)):
             raise TimeoutError(f"copy batch not finished after {timeout} s")
         self._c.rethrow()
         with self._lock:
@@ -262,6 +301,12 @@ def _nbytes(t: torch.Tensor) -> int:
 def _contig(t: torch.Tensor, op: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_conj() or t.is_neg():  # its bytes are not its values
+        raise ValueError(f"{op}: tensor of shape {tuple(t.shape)} is a lazy "
+                         f"{'conjugate' if t.is_conj() else 'negative'} view; call "
+                         f"{'.resolve_conj()' if t.is_conj() else '.resolve_neg()'} first")
+    if t.device.type == "meta":
+        raise ValueError(f"{op}: tensor of shape {tuple(t.shape)} is on the meta device (no data)")
     if not t.is_contiguous():
         raise ValueError(
             f"{op}: tensor of shape {tuple(t.shape)} with strides {t.stride()} is not contiguous"
@@ -276,6 +321,11 @@ _CPU_CODE = 0  # c10::DeviceType::CPU (index -1 -> +0)
 
 def _table(tensors: Sequence[torch.Tensor], op: str) -> np.ndarray:
     """Per-tensor metadata in one C++ pass; raises for non-tensors and non-contiguous ones."""
+    # Lazy conjugate / negative views first, in Python: the dispatcher would hand the op a
+    # resolved temporary, whose address is freed as soon as the table is made.
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (t.is_conj() or t.is_neg()):
+            _contig(t, op)
     try:
         tab = torch.ops.hotweights.tensor_table(tensors).numpy()
     except (TypeError, RuntimeError):
@@ -424,8 +474,11 @@ def _layout(buf: torch.Tensor, tensors: Sequence[torch.Tensor], offsets, lengths
     tn = tab[:, _NBYTES]
     ln = tn - toff if lengths is None else np.asarray(lengths, np.int64)
     cap = buf.numel()
-    outside = (toff < 0) | (ln < 0) | (toff + ln > tn)
-    past = (offs < 0) | (offs + ln > cap)
+    if len(toff) != n or len(ln) != n:
+        raise ValueError(f"{op}: {n} tensors but {len(ln)} lengths and {len(toff)} tensor offsets")
+    # compared without adding: offsets near 2^63 would wrap an int64 sum past the check
+    outside = (toff < 0) | (ln < 0) | (toff > tn) | (ln > tn - np.minimum(toff, tn))
+    past = (offs < 0) | (offs > cap) | (ln > cap - np.clip(offs, 0, cap))
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
         raise ValueError(f"{op}: piece {i} [{toff[i]}, {toff[i] + ln[i]}) is outside its tensor "
@@ -498,13 +551,13 @@ def scatter_regions(regions: Sequence[torch.Tensor], region_index, region_offset
         i = int(bad[0])
         raise ValueError(f"{op}: piece {i} names region {ridx[i]}, there are {len(rtab)}")
     tn = tab[:, _NBYTES]
-    bad = np.flatnonzero((toff < 0) | (ln < 0) | (toff + ln > tn))
+    bad = np.flatnonzero((toff < 0) | (ln < 0) | (toff > tn) | (ln > tn - np.minimum(toff, tn)))
     if bad.size:
         i = int(bad[0])
         raise ValueError(f"{op}: piece {i} [{toff[i]}, {toff[i] + ln[i]}) is outside its tensor "
                          f"of {tn[i]} bytes")
     cap = rtab[ridx, _NBYTES] if n else np.zeros(0, np.int64)
-    bad = np.flatnonzero((roff < 0) | (roff + ln > cap))
+    bad = np.flatnonzero((roff < 0) | (roff > cap) | (ln > cap - np.clip(roff, 0, cap)))
     if bad.size:
         i = int(bad[0])
         raise ValueError(f"{op}: piece {i} at offset {roff[i]} with {ln[i]} bytes runs past "
@@ -605,7 +658,8 @@ def hash_pieces(buf: torch.Tensor, offsets, lengths, tensor_offsets) -> np.ndarr
     toff = np.asarray(tensor_offsets, np.int64)
     if not len(offs) == len(ln) == len(toff):
         raise ValueError(f"hash_pieces: {len(offs)} offsets, {len(ln)} lengths, {len(toff)} tensor offsets")
-    bad = np.flatnonzero((offs < 0) | (ln < 0) | (offs + ln > buf.numel()))
+    cap = buf.numel()
+    bad = np.flatnonzero((offs < 0) | (ln < 0) | (offs > cap) | (ln > cap - np.clip(offs, 0, cap)))
     if bad.size:
         i = int(bad[0])
         raise ValueError(f"hash_pieces: piece {i} at {offs[i]} with {ln[i]} bytes runs past the "

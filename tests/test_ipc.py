@@ -167,3 +167,18 @@ def test_foreign_handle_refused():
     raw[88:96] = _C.hw64_bytes(bytes(raw[:88])).to_bytes(8, "little")
     with pytest.raises(ipc.HandleError, match="foreign handle from another machine"):
         ipc.RingImport(msgpack.packb({**info, "raw": bytes(raw)}))
+
+
+def test_region_sizes_and_slot_indices_are_checked():
+    from hotweights import _C
+
+    with pytest.raises(ValueError, match=r"size=18446744073709551615, expected > 0 and below 2\^63"):
+        _C.ShmRegion.create(2**64 - 1)
+    import numpy as np
+
+    ring = ipc.SlotRing(4096, 2, "cpu")
+    assert ring.slot(np.int64(1)).numel() == 4096  # numpy integers index
+    with pytest.raises(IndexError, match="slot 2 out of range for a ring of 2 slots"):
+        ring.slot(np.int64(2))
+    with pytest.raises(TypeError, match="slot True: expected an integer index"):
+        ring.slot(True)

@@ -299,3 +299,86 @@ def test_copy_hashed_errors_name_the_range():
         ops.copy_hashed([torch.empty(2)], [x[:8]], [0])
     with pytest.raises(ValueError, match=r"1 ranges but 2 hash indices"):
         ops.hash_ranges([x], [0], hash_index=[0, 1])
+
+
+# --- hostile arguments (session 9 review) ------------------------------------------------------
+
+def test_a_handle_dropped_before_its_copy_ends_keeps_the_tensors_alive():
+    """The engine holds raw pointers: a batch whose handle goes away unwaited (or a blocking
+    call that timed out) must keep its tensors until it is done. Run in a child: the failure
+    mode is a segfault."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, torch
+from hotweights import ops
+n = 64 << 20
+for _ in range(3):
+    h = ops.copy_([torch.empty(n)], [torch.ones(n)], async_op=True)
+    del h
+    gc.collect()
+    try:
+        ops.copy_([torch.empty(n)], [torch.ones(n)], timeout=1e-6)
+    except TimeoutError:
+        pass
+    gc.collect()
+    junk = [torch.zeros(n) for _ in range(2)]  # reuse the freed memory meanwhile
+ops.copy_([torch.empty(16)], [torch.ones(16)])  # a later batch prunes the finished ones
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+def test_offsets_near_int64_max_are_refused_not_wrapped():
+    buf = torch.zeros(64, dtype=torch.uint8)
+    t = torch.zeros(8, dtype=torch.uint8)
+    big = 2**63 - 4
+    with pytest.raises(ValueError, match="runs past the buffer of 64 bytes"):
+        ops.gather(buf, [t], [big], lengths=[8])
+    with pytest.raises(ValueError, match="is outside its tensor of 8 bytes"):
+        ops.gather(buf, [t], [0], lengths=[8], tensor_offsets=[big])
+    with pytest.raises(ValueError, match="runs past the buffer of 64 bytes"):
+        ops.scatter(buf, [t], [big], lengths=[8])
+    with pytest.raises(ValueError, match="runs past region 0 of 64 bytes"):
+        ops.scatter_regions([buf], [0], [big], [t], lengths=[8], tensor_offsets=[0])
+    with pytest.raises(ValueError, match="runs past the buffer of 64 bytes"):
+        ops.hash_pieces(buf, [8], [2**63 - 1], [8])
+    with pytest.raises(ValueError, match="3 tensors but 3 lengths and 1 tensor offsets"):
+        ops.gather(torch.zeros(64, dtype=torch.uint8), [t, t, t], [0, 8, 16], lengths=[8, 8, 8],
+                   tensor_offsets=[0])
+
+
+def test_wait_timeouts_mean_what_they_say():
+    a = torch.ones(1 << 24)
+    b = torch.empty_like(a)
+    for t in (float("inf"), 1e30):  # wait without limit (they used to time out at once)
+        ops.copy_([b], [a], async_op=True).wait(t)
+        assert torch.equal(a, b)
+    ops.copy_([b], [a], timeout=float("inf"))
+    h = ops.copy_([b], [a], async_op=True)
+    for bad in (float("nan"), -0.5):
+        with pytest.raises(ValueError, match=r"timeout=.*expected None or a number of seconds >= 0"):
+            h.wait(bad)
+    h.wait()
+
+
+def test_lazy_views_meta_tensors_and_non_tensors_are_refused_by_name():
+    z = torch.randn(4, dtype=torch.complex64)
+    for src, msg in ((z.conj(), r"lazy conjugate view; call .resolve_conj\(\)"),
+                     (torch.randn(4)._neg_view(), r"lazy negative view; call .resolve_neg\(\)")):
+        with pytest.raises(ValueError, match=msg):
+            ops.copy_([torch.empty_like(src)], [src])
+        with pytest.raises(ValueError, match=msg):
+            ops.checksum_batch([src])
+        with pytest.raises(ValueError, match=msg):
+            ops.checksum(src)
+    ok = z.conj().resolve_conj()
+    d = torch.empty_like(ok)
+    ops.copy_([d], [ok])
+    assert torch.equal(d, z.conj())
+    with pytest.raises(ValueError, match="is on the meta device"):
+        ops.copy_([torch.empty(4)], [torch.empty(4, device="meta")])
+    with pytest.raises(TypeError, match="checksum_batch: expected a torch.Tensor, got int"):
+        ops.checksum_batch([1])

@@ -290,3 +290,16 @@ def test_short_versions_without_jitter_still_come_down_to_the_knee():
     for _ in range(200):
         t, _ = run(ctl, link, 17, t0=t + 0.003, trace=trace, start=True)
     assert max(trace[len(trace) // 2:]) <= 6
+
+
+def test_times_must_be_finite_and_windows_bounded():
+    w = _C.WindowController(min_window=1, max_window=8)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"now_s=.*expected a finite time"):
+            w.on_complete(bad, 0.01, 1 << 20)
+        with pytest.raises(ValueError, match=r"now_s=.*expected a finite time"):
+            w.on_start(bad)
+    w.on_complete(1.0, 0.01, 1 << 20)
+    assert w.estimates()["bandwidth_Bps"] == w.estimates()["bandwidth_Bps"]  # not NaN
+    with pytest.raises(ValueError, match=r"max_window=2147483647, .* and <= 65536"):
+        _C.WindowController(min_window=1, max_window=2**31 - 1)

@@ -3,6 +3,7 @@
 #include "core/shm.h"
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <fcntl.h>
 #include <random>
@@ -65,7 +66,8 @@ uint64_t boot_id_hash() {
 }
 
 std::unique_ptr<ShmRegion> ShmRegion::create(size_t size, const std::string& name) {
-  HW_CHECK_ARG(size > 0, "ShmRegion.create: size=", size, ", expected > 0");
+  HW_CHECK_ARG(size > 0 && size <= static_cast<size_t>(PTRDIFF_MAX) - kShmHeaderBytes,
+               "ShmRegion.create: size=", size, ", expected > 0 and below 2^63 bytes");
   std::unique_ptr<ShmRegion> r(new ShmRegion());
   r->name_ = name.substr(0, 15);
   const std::string memfd_name = "hotweights:" + r->name_;
@@ -145,6 +147,8 @@ std::unique_ptr<ShmRegion> ShmRegion::import(const std::string& bytes) {
   }
   struct stat st;
   HW_CHECK(fstat(r->fd_, &st) == 0, "fstat ", path, ": ", errno_text(errno));
+  HW_CHECK(w.size <= static_cast<size_t>(PTRDIFF_MAX) - kShmHeaderBytes, "shared-memory handle '",
+           r->name_, "' claims ", w.size, " bytes");
   const size_t total = kShmHeaderBytes + w.size;
   HW_CHECK(static_cast<size_t>(st.st_size) == total, "stale shared-memory handle '", r->name_,
            "': ", path, " has ", st.st_size, " bytes, the handle says ", total);

@@ -13,8 +13,9 @@ namespace hw {
 WindowController::WindowController(const WindowConfig& cfg) : cfg_(cfg) {
   HW_CHECK_ARG(cfg.min_window >= 1, "WindowController: min_window=", cfg.min_window,
                ", expected >= 1");
-  HW_CHECK_ARG(cfg.max_window >= cfg.min_window, "WindowController: max_window=",
-               cfg.max_window, ", expected >= min_window=", cfg.min_window);
+  HW_CHECK_ARG(cfg.max_window >= cfg.min_window && cfg.max_window <= 65536,
+               "WindowController: max_window=", cfg.max_window, ", expected >= min_window=",
+               cfg.min_window, " and <= 65536");
   HW_CHECK_ARG(cfg.base >= 1, "WindowController: base=", cfg.base, ", expected >= 1");
   HW_CHECK_ARG(cfg.byte_cap >= 0, "WindowController: byte_cap=", cfg.byte_cap,
                ", expected >= 0 (0 = off)");
@@ -61,6 +62,8 @@ int WindowController::recommended() const {
 }
 
 void WindowController::on_start(double now_s) {
+  HW_CHECK_ARG(std::isfinite(now_s), "WindowController: now_s=", now_s,
+               ", expected a finite time");
   // The pipe was idle (between two versions): the round in progress is dropped (its wall time
   // would include the gap) and a fresh one starts now.
   round_done_ = 0;
@@ -70,6 +73,8 @@ void WindowController::on_start(double now_s) {
 }
 
 void WindowController::on_complete(double now_s, double service_s, int64_t bytes) {
+  HW_CHECK_ARG(std::isfinite(now_s), "WindowController: now_s=", now_s,
+               ", expected a finite time");
   HW_CHECK_ARG(service_s > 0 && std::isfinite(service_s), "WindowController: service_s=",
                service_s, ", expected a positive duration");
   HW_CHECK_ARG(bytes > 0, "WindowController: bytes=", bytes, ", expected > 0");

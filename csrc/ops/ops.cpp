@@ -76,7 +76,9 @@ at::Tensor checksum_cpu(const at::Tensor& self) {
   return out;
 }
 
-// One row per tensor: data_ptr, nbytes, dtype code, device code, contiguous, shape hash.
+// One row per tensor: data_ptr, nbytes, dtype code, device code, usable, shape hash. Usable:
+// contiguous and not on the meta device. (Lazy conjugate / negative views never get here as
+// themselves: the dispatcher resolves them into temporaries; hotweights/ops.py refuses them.)
 // Lets Python validate and address 10,000 tensors in one call instead of 10,000 attribute
 // reads (reading t.shape from Python costs ~10 us per tensor).
 at::Tensor tensor_table(at::TensorList tensors) {
@@ -93,7 +95,7 @@ at::Tensor tensor_table(at::TensorList tensors) {
     o[1] = static_cast<int64_t>(nbytes_of(t));
     o[2] = static_cast<int64_t>(t.scalar_type());
     o[3] = static_cast<int64_t>(dev.type()) * 65536 + (dev.has_index() ? dev.index() + 1 : 0);
-    o[4] = t.is_contiguous() ? 1 : 0;
+    o[4] = t.is_contiguous() && !t.is_meta() ? 1 : 0;
     std::memcpy(&o[5], &h, sizeof(h));
     o += 6;
   }
