@@ -745,7 +745,10 @@ def _kv_dtype(x: Any, what: str) -> torch.dtype:
     if isinstance(x, torch.dtype):
         return x
     if isinstance(x, str):  # vLLM's kv_cache_dtype names too
-        x = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+        if x == "auto":  # vLLM: the model's dtype, which this plan is not told
+            raise ValueError(f"plan: {what}='auto' (vLLM's kv_cache_dtype default) differs from "
+                             "the other side: pass the dtype it resolves to (the model's dtype)")
+        x = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_inc": "float8_e4m3fn",
              "fp8_e5m2": "float8_e5m2"}.get(x, x)
     dt = getattr(torch, str(x).removeprefix("torch."), None) if isinstance(x, str) else None
     if not isinstance(dt, torch.dtype):
@@ -993,9 +996,12 @@ def plan(old_manifest: Any, new_manifest: Any, num_layers: int,
         raise ValueError("plan: pass both old_layout and new_layout, or neither")
     if (old_kv_dtype is None) != (new_kv_dtype is None):
         raise ValueError("plan: pass both old_kv_dtype and new_kv_dtype, or neither")
-    if old_kv_dtype is not None:  # torch.bfloat16 and "bfloat16" are one dtype
-        old_kv_dtype = _kv_dtype(old_kv_dtype, "old_kv_dtype")
-        new_kv_dtype = _kv_dtype(new_kv_dtype, "new_kv_dtype")
+    if old_kv_dtype is not None:
+        if isinstance(old_kv_dtype, str) and old_kv_dtype == new_kv_dtype:
+            old_kv_dtype = new_kv_dtype = None  # the same name ("auto" too): no change
+        else:  # torch.bfloat16 and "bfloat16" are one dtype
+            old_kv_dtype = _kv_dtype(old_kv_dtype, "old_kv_dtype")
+            new_kv_dtype = _kv_dtype(new_kv_dtype, "new_kv_dtype")
     for lay in (old_layout, new_layout):
         if lay is not None:
             _layout(lay, "plan")

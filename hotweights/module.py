@@ -545,6 +545,10 @@ class HotweightsHandle:
             self._refuse_taken(staged, why)
         names = list(staged.shadows)
         opt_params, opt_reshaped = self._optimizer_targets(names, staged)
+        reshaped = {r[0] for r in staged.reshaped}  # the only ones whose grad can stop fitting
+        # the engine copies contiguous tensors in place; any other layout is a torch copy
+        strided = ([] if self.swap == "storage"
+                   else [n for n in names if not self._targets[n].is_contiguous()])
         if not self._lock.acquire_write(timeout):
             with self._cv:  # keep it staged for later (merged under one that came meanwhile)
                 self._stage_locked(staged, self._staged)
@@ -562,21 +566,20 @@ class HotweightsHandle:
                 with torch.no_grad():
                     for name in names:
                         live = self._targets[name]
-                        new = staged.shadows[name]
                         replaced[name] = live.data
-                        if live.grad is not None and (live.grad.shape != new.shape
-                                                      or live.grad.dtype != new.dtype):
-                            live.grad = None  # a gradient of the old shape cannot be stepped
-                        live.data = new
+                        if name in reshaped:  # a gradient of the old shape cannot be stepped
+                            live.grad = None
+                        live.data = staged.shadows[name]
             else:
-                # the engine copies contiguous tensors; any other layout (checked above to
-                # have the version's shape) is a torch copy
-                flat = [n for n in names if self._targets[n].is_contiguous()]
-                ops.copy_([self._targets[n].data for n in flat], [staged.shadows[n] for n in flat])
-                with torch.no_grad():
-                    for n in names:
-                        if not self._targets[n].is_contiguous():
+                if strided:
+                    odd = set(strided)
+                    flat = [n for n in names if n not in odd]
+                    with torch.no_grad():
+                        for n in strided:
                             self._targets[n].data.copy_(staged.shadows[n])
+                else:
+                    flat = names
+                ops.copy_([self._targets[n].data for n in flat], [staged.shadows[n] for n in flat])
                 replaced = staged.shadows
             reuse_event = None
             if cuda:

@@ -9,6 +9,7 @@ the same bytes give the same 64-bit value on CPU and CUDA.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import functools
@@ -84,13 +85,14 @@ def checksum_batch(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     out = np.zeros(len(tensors), dtype=np.uint64)
     by_dev: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
-        by_dev.setdefault(_contig(t, "checksum_batch").device, []).append(i)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"checksum_batch: expected a torch.Tensor, got {type(t).__name__}")
+        by_dev.setdefault(t.device, []).append(i)
     for dev, idx in by_dev.items():
-        if dev.type == "cpu":
-            ptrs = np.fromiter((tensors[i].data_ptr() for i in idx), np.uint64, len(idx))
-            sizes = np.fromiter((_nbytes(_contig(tensors[i], "checksum_batch")) for i in idx),
-                                np.uint64, len(idx))
-            out[idx] = _C.hw64_digest_many(ptrs, sizes)
+        if dev.type == "cpu":  # one C++ pass for pointers, sizes and the checks
+            tab = _table([tensors[i] for i in idx], "checksum_batch")
+            out[idx] = _C.hw64_digest_many(tab[:, _PTR].astype(np.uint64),
+                                           tab[:, _NBYTES].astype(np.uint64))
         else:
             res = torch.ops.hotweights.checksum_batch(
                 [_contig(tensors[i], "checksum_batch") for i in idx])
@@ -218,14 +220,19 @@ def _cuda_engine(device: int, st: CopySettings):
 # Batches whose handle went away before they finished (dropped unwaited, or a synchronous call
 # that timed out): their completion and tensors stay referenced until they are done, so the
 # engine never writes into freed memory. Pruned whenever a new batch starts.
-_UNFINISHED: list[tuple] = []
-_UNFINISHED_LOCK = threading.Lock()
+# A deque and no lock: __del__ may run inside any allocation (a GC pass), also in the middle
+# of a prune on the same thread; append and popleft are atomic.
+_UNFINISHED: collections.deque = collections.deque()
 
 
 def _prune_unfinished() -> None:
-    if _UNFINISHED:
-        with _UNFINISHED_LOCK:
-            _UNFINISHED[:] = [u for u in _UNFINISHED if not u[0].done()]
+    for _ in range(len(_UNFINISHED)):
+        try:
+            u = _UNFINISHED.popleft()
+        except IndexError:
+            return
+        if not u[0].done():
+            _UNFINISHED.append(u)
 
 
 def _wait_arg(timeout: float | None) -> float:
@@ -264,8 +271,7 @@ class CopyHandle:
             except Exception:
                 return
             if running:
-                with _UNFINISHED_LOCK:
-                    _UNFINISHED.append((c, keep))
+                _UNFINISHED.append((c, keep))
 
     def done(self) -> bool:
         """True when every copy of the batch finished."""
@@ -321,11 +327,6 @@ _CPU_CODE = 0  # c10::DeviceType::CPU (index -1 -> +0)
 
 def _table(tensors: Sequence[torch.Tensor], op: str) -> np.ndarray:
     """Per-tensor metadata in one C++ pass; raises for non-tensors and non-contiguous ones."""
-    # Lazy conjugate / negative views first, in Python: the dispatcher would hand the op a
-    # resolved temporary, whose address is freed as soon as the table is made.
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and (t.is_conj() or t.is_neg()):
-            _contig(t, op)
     try:
         tab = torch.ops.hotweights.tensor_table(tensors).numpy()
     except (TypeError, RuntimeError):

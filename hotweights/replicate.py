@@ -68,6 +68,8 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
+import operator
 import os
 import threading
 import time
@@ -278,7 +280,12 @@ class Publisher:
         self._known: dict[str, tuple] = {}       # name -> (ptr, version, shape, dtype, checksum)
         self._last_snapshot: tuple | None = None  # ((names, shapes+dtypes), Manifest)
         self._dirty: set[int] = set()            # ids of tensors an optimizer stepped
-        if isinstance(optimizers, torch.optim.Optimizer) or not all(
+        if not isinstance(optimizers, torch.optim.Optimizer):
+            try:
+                optimizers = list(optimizers)  # a generator is read once
+            except TypeError:
+                pass  # refused just below, by type
+        if isinstance(optimizers, torch.optim.Optimizer) or not isinstance(optimizers, list) or not all(
                 isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise TypeError(f"Publisher: optimizers is a {type(optimizers).__name__}, expected "
                             "a list of torch.optim.Optimizer")
@@ -291,7 +298,13 @@ class Publisher:
         self.device = (torch.device(source.device) if self._bucket_source
                        else _device_of(tensors))
         for what, v, lo in (("bucket_bytes", bucket_bytes, 256), ("slots", slots, 1)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            if v is None:
+                continue
+            try:  # numpy integers too
+                ok = not isinstance(v, bool) and operator.index(v) >= lo
+            except TypeError:
+                ok = False
+            if not ok:
                 raise ValueError(f"Publisher: {what}={v!r}, expected None (the setting) or an "
                                  f"integer >= {lo}")
         self.bucket_bytes = int(bucket_bytes or self.cfg.bucket_bytes)
@@ -445,7 +458,7 @@ class Publisher:
         quorum committed it. Returns what moved and the timings; raises PublishError when the
         version is aborted. The source must not be modified until this returns.
         ``progress(bytes_acked, bytes_total)`` is called as buckets are acknowledged."""
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
                                     or not math.isfinite(timeout) or timeout <= 0):
             raise ValueError(f"publish: timeout={timeout!r}, expected a number of seconds > 0")
         if label is not None and (not isinstance(label, str) or len(label) > 200):
@@ -672,7 +685,8 @@ class Publisher:
             if problem is not None:  # starting it here would hang (Note [Transports])
                 raise PublishError(f"subscribers on node {node!r} need the {sel} transport: "
                                    f"{problem}")
-            self._transport = create_transport(sel)
+            kw = {"coord_endpoint": self.client.endpoints[0]} if sel == "ucx" else {}
+            self._transport = create_transport(sel, **kw)
             self._capabilities.update(transport=self._transport.name,
                                       address=getattr(self._transport, "listen_address",
                                                       self._transport.address))
@@ -1398,7 +1412,9 @@ class Subscriber:
                  config=None):
         self.cfg = config or _config.get()
         _metrics.autostart(self.cfg)  # HOTWEIGHTS_METRICS_PORT (+ local rank); off by default
-        self._targets_fn = targets if callable(targets) else (lambda: targets)
+        # a mapping (an nn.ParameterDict is callable too: a Module) or a function returning one
+        self._targets_fn = (targets if callable(targets) and not hasattr(targets, "items")
+                            else (lambda: targets))
         self.targets = targets = self._targets_fn()
         self.name = name
         self.consumer = _consumer_patterns(consumer, targets)
@@ -1857,7 +1873,8 @@ class Subscriber:
             problem = not_ready(name)
             if problem is not None:  # starting it here would hang (Note [Transports])
                 raise TransportError(f"the publisher relays over {name}: {problem}")
-            kw = {"identity": self.client_id} if name == "ucx" else {}
+            kw = ({"identity": self.client_id, "coord_endpoint": self.client.endpoints[0]}
+                  if name == "ucx" else {})
             self._transport = create_transport(name, **kw)
             log.info("subscriber %s: relays for node %r over %s", self.name, self.node, name)
         elif self._transport.name != name:
@@ -2288,13 +2305,15 @@ class _Relay:
                         slot, post = held
                         who = [c for c in (*rel.get("errors", {}), *rel.get("missing", ()))
                                if c in post["consumers"]]
-                        if who and rel["reason"] in ("nacked", "expired") and post["attempt"] < 3:
+                        retry = who and rel["reason"] in ("nacked", "expired")
+                        if retry and post["attempt"] < 3:
                             again.append((slot, post, who, rel))
                             continue
-                        if who and rel["reason"] != "aborted":
-                            log.error("relay %s: bucket %d of version %d failed 3 times for %s "
+                        if retry:  # (a consumer that died is "missing" from an acked one)
+                            log.error("relay %s: bucket %d of version %d failed %d times for %s "
                                       "(%s)", self.sub.name, post["payload"]["bucket"],
-                                      post["version"], who, rel.get("errors") or rel["reason"])
+                                      post["version"], post["attempt"], who,
+                                      rel.get("errors") or rel["reason"])
                         self._free.append(slot)
                     self._cv.notify_all()
                 for slot, post, who, rel in again:

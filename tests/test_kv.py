@@ -830,6 +830,10 @@ def test_plan_judges_what_changes_not_how_it_is_spelled():
     assert p.keep == [0, 1, 2, 3]
     with pytest.raises(ValueError, match=r"new_kv_dtype='banana': expected a torch dtype"):
         kv.plan(old, old, 4, old_kv_dtype=torch.bfloat16, new_kv_dtype="banana")
+    # vLLM's default on both sides is no change; against a dtype it cannot be judged
+    assert kv.plan(old, old, 4, old_kv_dtype="auto", new_kv_dtype="auto").keep == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"old_kv_dtype='auto' \(vLLM's kv_cache_dtype default\)"):
+        kv.plan(old, old, 4, old_kv_dtype="auto", new_kv_dtype="fp8")
     # one rotation, two spellings: None and "default", an unused factor
     a = kv.RopeConfig(theta=10000.0, rotary_dim=64)
     for b in (kv.RopeConfig(theta=10000.0, rotary_dim=64, scaling="default"),

@@ -285,6 +285,18 @@ def test_bad_arguments_name_the_value(coord):
     assert (len(m._forward_pre_hooks), len(m._forward_hooks)) == hooks
 
 
+def test_a_subscriber_takes_a_parameter_dict_as_its_targets(coord):
+    """An nn.ParameterDict is a mapping and callable (a Module): it is taken as the mapping."""
+    from hotweights.replicate import Subscriber
+
+    pd = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.zeros(3))})
+    sub = Subscriber(pd, name="m", endpoint=coord)
+    try:
+        assert list(sub.targets) == ["w"]
+    finally:
+        sub.close()
+
+
 def test_storage_swap_refuses_tensors_that_share_a_storage(coord):
     class Flat(torch.nn.Module):
         def __init__(self):

@@ -162,6 +162,13 @@ def test_bad_publisher_arguments_name_the_value(coord):
             (dict(name=""), ValueError, r"name='', expected a non-empty string")):
         with pytest.raises(exc, match=msg):
             hotweights.Publisher(src, **{"name": "m", "endpoint": coord, **kw})
+    import numpy as np
+
+    opt = torch.optim.SGD(src.parameters(), lr=0.1)
+    gen = hotweights.Publisher(src, name="m", endpoint=coord, optimizers=(o for o in [opt]),
+                               bucket_bytes=np.int64(8192), change_tracking="version")
+    assert len(gen._hooks) == 1 and gen.bucket_bytes == 8192  # a generator is read once
+    gen.close()
     with pytest.raises(TypeError, match=r"source entry 'a' is a float, expected a tensor"):
         hotweights.Publisher({"a": 1.0}, name="m", endpoint=coord)
     pub = hotweights.Publisher(src, name="m", endpoint=coord)

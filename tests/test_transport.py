@@ -137,6 +137,10 @@ def test_ucx_advertises_an_address_other_nodes_can_reach(monkeypatch):
     if routed.startswith("127."):
         pytest.skip("no route off this host")
     assert ucx._host() == routed
+    monkeypatch.delenv("HOTWEIGHTS_COORD_ENDPOINT")  # an endpoint given to the Publisher
+    config.reset()
+    assert ucx._host("tcp://192.0.2.77:5555") == routed
+    monkeypatch.setenv("HOTWEIGHTS_COORD_ENDPOINT", "tcp://192.0.2.77:5555")
     monkeypatch.setenv("HOTWEIGHTS_COORD_ENDPOINT", "tcp://127.0.0.1:5555")  # one host: loopback
     config.reset()
     assert ucx._host() == "127.0.1.1"

@@ -77,8 +77,8 @@ at::Tensor checksum_cpu(const at::Tensor& self) {
 }
 
 // One row per tensor: data_ptr, nbytes, dtype code, device code, usable, shape hash. Usable:
-// contiguous and not on the meta device. (Lazy conjugate / negative views never get here as
-// themselves: the dispatcher resolves them into temporaries; hotweights/ops.py refuses them.)
+// contiguous, not on the meta device, and not a lazy conjugate or negative view (its bytes
+// are not its values; see the fallthroughs below).
 // Lets Python validate and address 10,000 tensors in one call instead of 10,000 attribute
 // reads (reading t.shape from Python costs ~10 us per tensor).
 at::Tensor tensor_table(at::TensorList tensors) {
@@ -95,7 +95,7 @@ at::Tensor tensor_table(at::TensorList tensors) {
     o[1] = static_cast<int64_t>(nbytes_of(t));
     o[2] = static_cast<int64_t>(t.scalar_type());
     o[3] = static_cast<int64_t>(dev.type()) * 65536 + (dev.has_index() ? dev.index() + 1 : 0);
-    o[4] = t.is_contiguous() && !t.is_meta() ? 1 : 0;
+    o[4] = t.is_contiguous() && !t.is_meta() && !t.is_conj() && !t.is_neg() ? 1 : 0;
     std::memcpy(&o[5], &h, sizeof(h));
     o += 6;
   }
@@ -147,6 +147,16 @@ TORCH_LIBRARY(hotweights, m) {
 
 TORCH_LIBRARY_IMPL(hotweights, CompositeExplicitAutograd, m) {
   m.impl("tensor_table", &hw::ops::tensor_table);
+}
+
+// The table must see lazy conjugate / negative views as themselves (marked unusable), not
+// the resolved temporaries the Conjugate and Negative fallbacks would make (their addresses
+// are freed as soon as the call returns).
+TORCH_LIBRARY_IMPL(hotweights, Conjugate, m) {
+  m.impl("tensor_table", torch::CppFunction::makeFallthrough());
+}
+TORCH_LIBRARY_IMPL(hotweights, Negative, m) {
+  m.impl("tensor_table", torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(hotweights, CPU, m) {

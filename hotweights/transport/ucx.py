@@ -23,10 +23,11 @@ from .base import Transport, TransportError
 log = logging.getLogger("hotweights")
 
 
-def _host() -> str:
+def _host(coord_endpoint: str | None = None) -> str:
     """The address other nodes reach this listener at: HOTWEIGHTS_UCX_HOST, else the hostname's
     address, unless that is a loopback (/etc/hosts often maps the hostname to 127.0.x.1): then
-    the address of the interface that routes to the coordinator (a UDP connect sends nothing)."""
+    the address of the interface that routes to the coordinator (``coord_endpoint``, default
+    HOTWEIGHTS_COORD_ENDPOINT; a UDP connect sends nothing)."""
     cfg = _config.get()
     if cfg.ucx_host:
         return cfg.ucx_host
@@ -36,7 +37,8 @@ def _host() -> str:
         addr = "127.0.0.1"
     if not addr.startswith("127."):
         return addr
-    m = re.match(r"tcp://\[?([^\]/]+?)\]?:\d+$", (cfg.coord_endpoint or "").split(",")[0].strip())
+    ep = coord_endpoint or cfg.coord_endpoint or ""
+    m = re.match(r"tcp://\[?([^\]/]+?)\]?:\d+$", ep.split(",")[0].strip())
     coord = m.group(1) if m else None
     if coord and coord not in ("*", "0.0.0.0", "localhost") and not coord.startswith("127."):
         try:
@@ -58,7 +60,8 @@ class UCXTransport(Transport):
     name = "ucx"
 
     def __init__(self, host: str | None = None, port: int = 0, chunk_bytes: int | None = None,
-                 connect_timeout: float | None = None, identity: str | None = None):
+                 connect_timeout: float | None = None, identity: str | None = None,
+                 coord_endpoint: str | None = None):
         super().__init__(chunk_bytes)
         try:
             import ucxx
@@ -73,7 +76,7 @@ class UCXTransport(Transport):
         self._thread = threading.Thread(target=self._loop.run_forever, name="hw-ucx", daemon=True)
         self._thread.start()
         self._listener = self._run(self._listen(port), 30)
-        self._host = host or _host()
+        self._host = host or _host(coord_endpoint)
         self._address = identity or f"{self._host}:{self._listener.port}"
         self.listen_address = f"{self._host}:{self._listener.port}"
         # CUDA buffers are staged through pinned host memory: whether this UCX build moves
