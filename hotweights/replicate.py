@@ -1602,6 +1602,7 @@ class Subscriber:
         deadline = t0 + self.cfg.version_timeout_s
         pending = [h for h in first if self.client_id in h.get("consumers", ())]
         answered: set[str] = set()  # handles acked (maybe still on the way): not twice
+        relay_nacks: dict[int, int] = {}  # bucket -> relayed copies of it read wrong
         precommitted, t_recv = None, None
         polled, checked = 0.0, time.perf_counter()  # the coordinator asked for handles, state
         # after the precommit, the rest of the batch is still answered (relays for the
@@ -1655,6 +1656,8 @@ class Subscriber:
                 elif not ok:
                     self.stats["nacks"] += 1
                     log.warning("subscriber %s: %s", self.name, err)
+                    if h["payload"].get("relayed"):  # the leader re-posts it, 3 times at most
+                        relay_nacks[b] = relay_nacks.get(b, 0) + 1
             last = not todo and precommitted is None
             if last:
                 bad = self._end_to_end(plan, mine, acc)
@@ -1682,6 +1685,10 @@ class Subscriber:
                                                precommit=True)
                 else:
                     self._acks.append(self._acker.submit(self._ack, h["handle_id"], ok, err))
+                if relay_nacks.get(b, 0) >= 3:  # no fourth copy is coming: refused, not hung
+                    self._flush_acks()
+                    self._fail(version, f"relayed bucket {b} read wrong 3 times ({err})")
+                    return None
             if last:
                 if "precommit_error" in r:
                     log.info("subscriber %s: version %d: %s", self.name, version,

@@ -26,13 +26,14 @@ def subscriber(i: int, endpoint: str, env: dict, q, stop, mid) -> None:
 
     h._sub.before_relay = hold
     nack_in = int(env.get("NACK_RELAYED_IN_VERSION", "0"))
-    if nack_in:  # refuse the first relayed bucket of that version once (a bad read)
+    times = int(env.get("NACK_RELAYED_TIMES", "1"))
+    if nack_in:  # refuse relayed buckets of that version, ``times`` times (bad reads)
         from hotweights import replicate
 
         sub, take, done = h._sub, h._sub._take, []
 
         def nack_once(version, plan, hd, b, needed, shadows):
-            if version == nack_in and needed and hd["payload"].get("relayed") and not done:
+            if version == nack_in and needed and hd["payload"].get("relayed") and len(done) < times:
                 done.append(b)
                 q.put(("nacked", i, version, b))
                 return replicate._done((False, f"injected: bucket {b} read wrong", None))
@@ -40,12 +41,18 @@ def subscriber(i: int, endpoint: str, env: dict, q, stop, mid) -> None:
 
         sub._take = nack_once
     q.put(("ready", i, h.client_id, os.getpid()))
+    want = None  # after a version this subscriber refused: the one after it
     try:
         while not stop.is_set():
             try:
-                v = h.wait(timeout=0.5)
+                v = h.wait(want, timeout=0.5)
             except TimeoutError:
                 continue
+            except hotweights.UpdateError as e:
+                q.put(("refused", i, str(e)))
+                want = (want or (h.version or 0) + 1) + 1
+                continue
+            want = None
             q.put(("applied", i, v, Manifest.from_state_dict(m).digest, h._sub._relay is not None))
     except Exception as e:
         q.put(("error", i, f"{type(e).__name__}: {e}"))

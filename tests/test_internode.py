@@ -18,7 +18,7 @@ import torch
 
 import hotweights
 from hotweights import config
-from hotweights.coordinator import start_embedded
+from hotweights.coordinator import Client, start_embedded
 from hotweights.manifest import Manifest
 
 from internode_children import subscriber
@@ -256,6 +256,66 @@ def test_a_relayed_bucket_a_node_mate_nacks_is_posted_again(monkeypatch):
             want = Manifest.from_state_dict(src).digest
             assert all(m[3] == want for m in got.values())
         assert len(nacked) == 1  # the injected refusal happened, and was repaired
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+        pub.close()
+        coord.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed")
+def test_a_node_mate_that_cannot_read_a_relayed_bucket_refuses_the_version(monkeypatch):
+    """After the leader's third copy of a bucket is read wrong too, the node-mate refuses the
+    version (it does not wait for a fourth until the timeout): the rest commit without it,
+    and the next version reaches it."""
+    for k, v in FAST.items():
+        monkeypatch.setenv(k, v)
+    config.reset()
+    coord = start_embedded()
+    ctx = mp.get_context("spawn")
+    q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
+    env = {**FAST, "HOTWEIGHTS_NODE_ID": "node1", "KILL_IN_VERSION": "99",
+           "NACK_RELAYED_IN_VERSION": "2", "NACK_RELAYED_TIMES": "99"}
+    procs = [ctx.Process(target=subscriber, daemon=True, args=(i, coord.endpoint, env, q, stop, mid))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    pub = hotweights.Publisher(src, name="net", endpoint=coord.endpoint, node="node0",
+                               bucket_bytes=16384, slots=4, serve_late=False, transport="ucx")
+
+    def applied(version, n):
+        got, end = {}, time.monotonic() + 60
+        while len(got) < n:
+            msg = q.get(timeout=max(0.1, end - time.monotonic()))
+            assert msg[0] != "error", msg
+            if msg[0] == "applied" and msg[2] == version:
+                got[msg[1]] = msg
+        return got
+
+    try:
+        for _ in procs:
+            q.get(timeout=60)
+        with torch.no_grad():
+            src[0].weight.add_(1)
+        applied(pub.publish("v1", timeout=60).version, 2)
+        with torch.no_grad():
+            src[0].weight.add_(1)
+        t0 = time.monotonic()
+        r2 = pub.publish("v2", timeout=60)  # committed by the leader; the mate refused it
+        assert r2.state == "committed" and time.monotonic() - t0 < 30
+        info = Client(coord.endpoint).version("net", r2.version)
+        assert len(info["rejected"]) == 1
+        assert "read wrong 3 times" in next(iter(info["rejected"].values()))
+        with torch.no_grad():
+            src[2].weight.add_(1)
+        got = applied(pub.publish("v3", timeout=60).version, 2)  # both, the refuser too
+        want = Manifest.from_state_dict(src).digest
+        assert all(m[3] == want for m in got.values())
     finally:
         stop.set()
         for p in procs:

@@ -40,15 +40,16 @@ def _host(coord_endpoint: str | None = None) -> str:
     ep = coord_endpoint or cfg.coord_endpoint or ""
     m = re.match(r"tcp://\[?([^\]/]+?)\]?:\d+$", ep.split(",")[0].strip())
     coord = m.group(1) if m else None
-    if coord and coord not in ("*", "0.0.0.0", "localhost") and not coord.startswith("127."):
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.connect((coord, 9))
-                out = s.getsockname()[0]
-            if not out.startswith("127."):
-                return out
-        except OSError:
-            pass
+    if coord is None or coord in ("localhost", "*", "0.0.0.0") or coord.startswith("127."):
+        return addr  # the coordinator is on this host too: one node, loopback is right
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((coord, 9))
+            out = s.getsockname()[0]
+        if not out.startswith("127."):
+            return out
+    except OSError:
+        pass
     log.warning("UCX transport: this host's name resolves to %s, a loopback address; other "
                 "nodes cannot reach it there: set HOTWEIGHTS_UCX_HOST to this node's address", addr)
     return addr
