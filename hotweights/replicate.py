@@ -1520,8 +1520,12 @@ class Subscriber:
                             return
                         log.exception("subscriber %s: receiving version %d failed", self.name, v)
                         # refused, unless it was already staged (committed: it will apply)
+                        refuse = self._receiving == v
                         self._fail(v, f"receiving failed: {type(e).__name__}: {e}",
-                                   reject=self._receiving == v)
+                                   reject=refuse)
+                        if not refuse and self.held != v:  # committed, and its staging lost
+                            self.report_applied(behind=True)  # (a catch-up now, not at the
+                                                              # next publish)
         finally:
             self.client.release_thread()
 
@@ -1559,6 +1563,9 @@ class Subscriber:
         self.targets = self._targets_fn()  # the model as it is now (tensors replaced, moved)
         wrong_base = self._check_base(plan)
         problems = self._check_model(plan, mine) or wrong_base
+        # what changes dtype or shape *here* (the plan's list is every subscriber's together,
+        # and a full send lists none): what the commit reports and resets state for
+        plan.reshaped = self._layout_changes(plan, mine)
         if problems:
             self._fail(version, problems)
             if problems is wrong_base:  # after the refusal, which would clear it
@@ -1710,6 +1717,7 @@ class Subscriber:
                                               max(1.0, deadline - time.perf_counter())))
         except TimeoutError as e:
             self._fail(version, str(e), reject=False)
+            self.report_applied(behind=True)  # it may have committed with our vote: catch up
             return None
         if final["state"] != "committed":
             log.info("subscriber %s: version %d %s: %s", self.name, version, final["state"],
@@ -2110,17 +2118,35 @@ class Subscriber:
             log.warning("subscriber %s: reporting applied version %s failed: %s", self.name,
                         self.version, e)
 
+    def _held_layout(self, plan: Plan, mine: list[int]):
+        """(row, name, tensor or None) of what this subscriber holds for each received name:
+        as staged, for a delta planned from a version staged here and not applied yet (its
+        reshapes are not in the live model yet), else as live."""
+        base = plan.bases.get(self.client_id)
+        staged = self.staged_tensors() if base is not None and base != self.version else {}
+        for i in mine:
+            name = plan.names[i]
+            yield i, name, staged.get(name, self.targets.get(name))
+
+    def _layout_changes(self, plan: Plan, mine: list[int]) -> list:
+        """The reshapes this version makes here: (name, (old dtype, shape), (new dtype,
+        shape)) for each received tensor whose held layout differs."""
+        out = []
+        for i, name, t in self._held_layout(plan, mine):
+            if t is None:
+                continue
+            old = (dtype_name(t.dtype), tuple(t.shape))
+            new = (plan.dtypes[i], tuple(plan.shapes[i]))
+            if old != new:
+                out.append((name, old, new))
+        return out
+
     def _check_model(self, plan: Plan, mine: list[int]) -> str | None:
         """The model must match the manifest for the tensors this subscriber receives: as
         staged, for a delta planned from a version staged here and not applied yet (its
         reshapes are not in the live model yet), else as live."""
         bad = []
-        reshaped = {r[0] for r in plan.reshaped}
-        base = plan.bases.get(self.client_id)
-        staged = self.staged_tensors() if base is not None and base != self.version else {}
-        for i in mine:
-            name = plan.names[i]
-            t = staged.get(name, self.targets.get(name))
+        for i, name, t in self._held_layout(plan, mine):
             if t is None:
                 bad.append(f"{name!r} is not in the model")
             elif t.device != self.device:
@@ -2128,7 +2154,7 @@ class Subscriber:
                            f"{self.device} (the model moved after it was registered: register "
                            "it again)")
             elif (dtype_name(t.dtype), tuple(t.shape)) != (plan.dtypes[i], plan.shapes[i]):
-                if name in reshaped and self.accept_reshape:
+                if self.accept_reshape:  # any layout change, a full send's too
                     continue
                 bad.append(f"{name!r}: the model has {dtype_name(t.dtype)}{tuple(t.shape)}, the "
                            f"version has {plan.dtypes[i]}{plan.shapes[i]}")

@@ -324,3 +324,65 @@ def test_one_handle_per_model_and_name(coord):
     finally:
         h.close()
     m.register_hotweights(name="m", endpoint=coord).close()  # closed: free again
+
+
+def _xy():
+    return torch.nn.ParameterDict({"x": torch.nn.Parameter(torch.zeros(4, 8)),
+                                   "y": torch.nn.Parameter(torch.zeros(3))})
+
+
+def test_a_late_subscriber_that_accepts_reshapes_takes_the_reshaped_full_send(coord):
+    """A replica registered after the publisher reshaped a tensor gets a full send (which
+    lists no reshapes): with accept_reshape it takes it, not refuses it forever."""
+    state = {"x": torch.randn(4, 8), "y": torch.randn(3)}
+    pub = hotweights.Publisher(lambda: state, name="r", endpoint=coord)
+    early, late = _xy(), _xy()
+    h0 = early.register_hotweights(name="r", endpoint=coord, commit="manual", swap="storage",
+                                   accept_reshape=True)
+    h1 = None
+    try:
+        h0.wait(pub.publish("v1").version, timeout=30)
+        state["x"] = torch.randn(2, 16)
+        h0.wait(pub.publish("v2").version, timeout=30)
+        h1 = late.register_hotweights(name="r", endpoint=coord, commit="manual", swap="storage",
+                                      accept_reshape=True)
+        got = h1.wait(timeout=30)  # the catch-up the publisher serves it
+        assert got >= 2 and h1.refused == {}
+        assert torch.equal(late["x"].detach(), state["x"]) and torch.equal(late["y"].detach(), state["y"])
+        assert [r[0] for r in h1.last_commit.reshaped] == ["x"]
+    finally:
+        h0.close()
+        if h1 is not None:
+            h1.close()
+        pub.close()
+
+
+def test_a_reshape_reported_is_a_reshape_here_not_another_subscribers(coord):
+    """Subscribers on different bases share one plan: a tensor reshaped in another
+    subscriber's delta is not a reshape for one that already holds the new shape (its grad
+    and optimizer state stay)."""
+    state = {"x": torch.randn(4, 8), "y": torch.randn(3)}
+    pub = hotweights.Publisher(lambda: state, name="r", endpoint=coord, serve_late=False)
+    ma, mb = _xy(), _xy()
+    opt = torch.optim.Adam(ma.parameters(), lr=1e-3)
+    a = ma.register_hotweights(name="r", endpoint=coord, commit="manual", swap="storage",
+                               accept_reshape=True, optimizer=opt)
+    b = mb.register_hotweights(name="r", endpoint=coord, commit="manual")  # refuses reshapes
+    try:
+        v1 = pub.publish("v1").version
+        a.wait(v1, timeout=30)
+        b.wait(v1, timeout=30)
+        state["x"] = torch.randn(2, 16)  # v2: A takes the reshape, B refuses it
+        a.wait(pub.publish("v2").version, timeout=30)
+        (ma["x"].sum() + ma["y"].sum()).backward()
+        opt.step()
+        state["x"] = state["x"] + 1.0  # v3: new values, the same (new) shape; B still on v1
+        v3 = pub.publish("v3").version
+        a.wait(v3, timeout=30)
+        assert a.last_commit.reshaped == []
+        assert ma["x"].grad is not None and "exp_avg" in opt.state[ma["x"]]
+        assert torch.equal(ma["x"].detach(), state["x"])
+    finally:
+        a.close()
+        b.close()
+        pub.close()
