@@ -1562,10 +1562,8 @@ class Subscriber:
         mine = plan.tensors_for(self.client_id)
         self.targets = self._targets_fn()  # the model as it is now (tensors replaced, moved)
         wrong_base = self._check_base(plan)
-        problems = self._check_model(plan, mine) or wrong_base
-        # what changes dtype or shape *here* (the plan's list is every subscriber's together,
-        # and a full send lists none): what the commit reports and resets state for
-        plan.reshaped = self._layout_changes(plan, mine)
+        problems, plan.reshaped = self._check_model(plan, mine)
+        problems = problems or wrong_base
         if problems:
             self._fail(version, problems)
             if problems is wrong_base:  # after the refusal, which would clear it
@@ -2118,50 +2116,37 @@ class Subscriber:
             log.warning("subscriber %s: reporting applied version %s failed: %s", self.name,
                         self.version, e)
 
-    def _held_layout(self, plan: Plan, mine: list[int]):
-        """(row, name, tensor or None) of what this subscriber holds for each received name:
-        as staged, for a delta planned from a version staged here and not applied yet (its
-        reshapes are not in the live model yet), else as live."""
-        base = plan.bases.get(self.client_id)
-        staged = self.staged_tensors() if base is not None and base != self.version else {}
-        for i in mine:
-            name = plan.names[i]
-            yield i, name, staged.get(name, self.targets.get(name))
-
-    def _layout_changes(self, plan: Plan, mine: list[int]) -> list:
-        """The reshapes this version makes here: (name, (old dtype, shape), (new dtype,
-        shape)) for each received tensor whose held layout differs."""
-        out = []
-        for i, name, t in self._held_layout(plan, mine):
-            if t is None:
-                continue
-            old = (dtype_name(t.dtype), tuple(t.shape))
-            new = (plan.dtypes[i], tuple(plan.shapes[i]))
-            if old != new:
-                out.append((name, old, new))
-        return out
-
-    def _check_model(self, plan: Plan, mine: list[int]) -> str | None:
+    def _check_model(self, plan: Plan, mine: list[int]) -> tuple[str | None, list]:
         """The model must match the manifest for the tensors this subscriber receives: as
         staged, for a delta planned from a version staged here and not applied yet (its
-        reshapes are not in the live model yet), else as live."""
-        bad = []
-        for i, name, t in self._held_layout(plan, mine):
+        reshapes are not in the live model yet), else as live. Returns (why not, or None;
+        the reshapes this version makes *here*: (name, (old dtype, shape), (new dtype,
+        shape)), what the commit reports and resets state for; the plan's own list covers
+        every subscriber's delta together, and a full send's lists none)."""
+        base = plan.bases.get(self.client_id)
+        staged = self.staged_tensors() if base is not None and base != self.version else {}
+        bad, reshapes = [], []
+        for i in mine:
+            name = plan.names[i]
+            t = staged.get(name, self.targets.get(name))
             if t is None:
                 bad.append(f"{name!r} is not in the model")
-            elif t.device != self.device:
+                continue
+            if t.device != self.device:
                 bad.append(f"{name!r} is on {t.device}, this subscriber receives for "
                            f"{self.device} (the model moved after it was registered: register "
                            "it again)")
-            elif (dtype_name(t.dtype), tuple(t.shape)) != (plan.dtypes[i], plan.shapes[i]):
-                if self.accept_reshape:  # any layout change, a full send's too
-                    continue
-                bad.append(f"{name!r}: the model has {dtype_name(t.dtype)}{tuple(t.shape)}, the "
-                           f"version has {plan.dtypes[i]}{plan.shapes[i]}")
+                continue
+            old, new = (dtype_name(t.dtype), tuple(t.shape)), (plan.dtypes[i], tuple(plan.shapes[i]))
+            if old != new:
+                reshapes.append((name, old, new))
+                if not self.accept_reshape:  # (accepted: any layout change, a full send's too)
+                    bad.append(f"{name!r}: the model has {old[0]}{old[1]}, the version has "
+                               f"{new[0]}{new[1]}")
         if not bad:
-            return None
+            return None, reshapes
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        return "model does not match the version: " + "; ".join(bad[:3]) + more
+        return "model does not match the version: " + "; ".join(bad[:3]) + more, reshapes
 
     def _shadows(self, plan: Plan, mine: list[int]) -> dict[str, torch.Tensor]:
         out = {}

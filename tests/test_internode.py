@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing as mp
 import os
@@ -163,164 +164,123 @@ def _raises(fn, *args):
     return None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed")
-def test_a_relay_ring_grows_for_a_publisher_with_larger_buckets(monkeypatch):
-    """A node leader's relay ring is sized by the first publisher it relays for; a later
-    publisher session with larger buckets gets a larger ring (node-mates re-import it by id)
-    instead of truncated receives."""
+# --- a node leader and its node-mate on node1, the publisher (this process) on node0, UCX ----
+
+needs_ucx = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None,
+                               reason="ucxx is not installed")
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+
+
+@contextlib.contextmanager
+def _node1_pair(monkeypatch, **env):
+    """An embedded coordinator and two subscriber processes on node1 (``env``: their test
+    hooks, see internode_children); yields (endpoint, queue) once both are ready, and stops
+    everything on exit."""
     for k, v in FAST.items():
         monkeypatch.setenv(k, v)
     config.reset()
     coord = start_embedded()
     ctx = mp.get_context("spawn")
     q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
-    procs = [ctx.Process(target=subscriber, daemon=True,
-                         args=(i, coord.endpoint, {**FAST, "HOTWEIGHTS_NODE_ID": "node1",
-                                                   "KILL_IN_VERSION": "99"}, q, stop, mid))
+    env = {**FAST, "HOTWEIGHTS_NODE_ID": "node1", "KILL_IN_VERSION": "99", **env}
+    procs = [ctx.Process(target=subscriber, daemon=True, args=(i, coord.endpoint, env, q, stop, mid))
              for i in range(2)]
     for p in procs:
         p.start()
-    torch.manual_seed(0)
-    src = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
-    pub = None
     try:
         for _ in procs:
             q.get(timeout=60)
-        for version, bucket_bytes in ((1, 16384), (2, 1 << 20)):
-            pub = hotweights.Publisher(src, name="net", endpoint=coord.endpoint, node="node0",
-                                       bucket_bytes=bucket_bytes, slots=4, serve_late=False,
-                                       transport="ucx")
-            with torch.no_grad():
-                src[0].weight.add_(1)
-            assert pub.publish(f"v{version}", timeout=60).version == version
-            got, end = {}, time.monotonic() + 60
-            while len(got) < 2:
-                msg = q.get(timeout=max(0.1, end - time.monotonic()))
-                assert msg[0] != "error", msg
-                if msg[0] == "applied" and msg[2] == version:
-                    got[msg[1]] = msg
-            want = Manifest.from_state_dict(src).digest
-            assert all(m[3] == want for m in got.values())
-            pub.close()
-            pub = None
+        yield coord.endpoint, q
     finally:
         stop.set()
         for p in procs:
             p.join(20)
             if p.is_alive():
                 p.kill()
-        if pub is not None:
-            pub.close()
         coord.stop()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed")
+def _ucx_publisher(src, endpoint: str, bucket_bytes: int = 16384):
+    return hotweights.Publisher(src, name="net", endpoint=endpoint, node="node0",
+                                bucket_bytes=bucket_bytes, slots=4, serve_late=False,
+                                transport="ucx")
+
+
+def _applied(q, version: int, src, others: list | None = None) -> dict:
+    """Waits until both node1 subscribers applied ``version`` and checks they hold ``src``
+    bit for bit; other messages go to ``others``."""
+    got, end = {}, time.monotonic() + 60
+    while len(got) < 2:
+        msg = q.get(timeout=max(0.1, end - time.monotonic()))
+        assert msg[0] != "error", msg
+        if msg[0] == "applied" and msg[2] == version:
+            got[msg[1]] = msg
+        elif others is not None:
+            others.append(msg)
+    want = Manifest.from_state_dict(src).digest
+    assert all(m[3] == want for m in got.values())
+    return got
+
+
+@needs_ucx
+def test_a_relay_ring_grows_for_a_publisher_with_larger_buckets(monkeypatch):
+    """A node leader's relay ring is sized by the first publisher it relays for; a later
+    publisher session with larger buckets gets a larger ring (node-mates re-import it by id)
+    instead of truncated receives."""
+    src = _net()
+    with _node1_pair(monkeypatch) as (endpoint, q):
+        for version, bucket_bytes in ((1, 16384), (2, 1 << 20)):
+            with _ucx_publisher(src, endpoint, bucket_bytes) as pub:
+                with torch.no_grad():
+                    src[0].weight.add_(1)
+                assert pub.publish(f"v{version}", timeout=60).version == version
+                _applied(q, version, src)
+
+
+@needs_ucx
 def test_a_relayed_bucket_a_node_mate_nacks_is_posted_again(monkeypatch):
     """The leader acked the publisher already: the re-send of a bucket a node-mate could not
     read is the leader's, from the slot it still holds (as the publisher re-sends a same-node
     ring bucket); the version commits instead of waiting out its timeout."""
-    for k, v in FAST.items():
-        monkeypatch.setenv(k, v)
-    config.reset()
-    coord = start_embedded()
-    ctx = mp.get_context("spawn")
-    q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
-    env = {**FAST, "HOTWEIGHTS_NODE_ID": "node1", "KILL_IN_VERSION": "99",
-           "NACK_RELAYED_IN_VERSION": "2"}
-    procs = [ctx.Process(target=subscriber, daemon=True, args=(i, coord.endpoint, env, q, stop, mid))
-             for i in range(2)]
-    for p in procs:
-        p.start()
-    torch.manual_seed(0)
-    src = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
-    pub = hotweights.Publisher(src, name="net", endpoint=coord.endpoint, node="node0",
-                               bucket_bytes=16384, slots=4, serve_late=False, transport="ucx")
-    try:
-        for _ in procs:
-            q.get(timeout=60)
-        nacked = []
+    src = _net()
+    with _node1_pair(monkeypatch, NACK_RELAYED_IN_VERSION="2") as (endpoint, q), \
+            _ucx_publisher(src, endpoint) as pub:
+        others: list = []
         for version in (1, 2):
             with torch.no_grad():
                 src[0].weight.add_(1)
             t0 = time.monotonic()
             assert pub.publish(f"v{version}", timeout=60).version == version
             assert time.monotonic() - t0 < 30  # not the version timeout
-            got, end = {}, time.monotonic() + 60
-            while len(got) < 2:
-                msg = q.get(timeout=max(0.1, end - time.monotonic()))
-                assert msg[0] != "error", msg
-                if msg[0] == "nacked":
-                    nacked.append(msg)
-                if msg[0] == "applied" and msg[2] == version:
-                    got[msg[1]] = msg
-            want = Manifest.from_state_dict(src).digest
-            assert all(m[3] == want for m in got.values())
-        assert len(nacked) == 1  # the injected refusal happened, and was repaired
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
-        pub.close()
-        coord.stop()
+            _applied(q, version, src, others)
+        # the injected refusal happened, and was repaired
+        assert len([m for m in others if m[0] == "nacked"]) == 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed")
+@needs_ucx
 def test_a_node_mate_that_cannot_read_a_relayed_bucket_refuses_the_version(monkeypatch):
     """After the leader's third copy of a bucket is read wrong too, the node-mate refuses the
     version (it does not wait for a fourth until the timeout): the rest commit without it,
     and the next version reaches it."""
-    for k, v in FAST.items():
-        monkeypatch.setenv(k, v)
-    config.reset()
-    coord = start_embedded()
-    ctx = mp.get_context("spawn")
-    q, stop, mid = ctx.Queue(), ctx.Event(), ctx.Event()
-    env = {**FAST, "HOTWEIGHTS_NODE_ID": "node1", "KILL_IN_VERSION": "99",
-           "NACK_RELAYED_IN_VERSION": "2", "NACK_RELAYED_TIMES": "99"}
-    procs = [ctx.Process(target=subscriber, daemon=True, args=(i, coord.endpoint, env, q, stop, mid))
-             for i in range(2)]
-    for p in procs:
-        p.start()
-    torch.manual_seed(0)
-    src = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
-    pub = hotweights.Publisher(src, name="net", endpoint=coord.endpoint, node="node0",
-                               bucket_bytes=16384, slots=4, serve_late=False, transport="ucx")
-
-    def applied(version, n):
-        got, end = {}, time.monotonic() + 60
-        while len(got) < n:
-            msg = q.get(timeout=max(0.1, end - time.monotonic()))
-            assert msg[0] != "error", msg
-            if msg[0] == "applied" and msg[2] == version:
-                got[msg[1]] = msg
-        return got
-
-    try:
-        for _ in procs:
-            q.get(timeout=60)
+    src = _net()
+    with _node1_pair(monkeypatch, NACK_RELAYED_IN_VERSION="2",
+                     NACK_RELAYED_TIMES="99") as (endpoint, q), \
+            _ucx_publisher(src, endpoint) as pub, Client(endpoint) as cl:
         with torch.no_grad():
             src[0].weight.add_(1)
-        applied(pub.publish("v1", timeout=60).version, 2)
+        _applied(q, pub.publish("v1", timeout=60).version, src)
         with torch.no_grad():
             src[0].weight.add_(1)
         t0 = time.monotonic()
         r2 = pub.publish("v2", timeout=60)  # committed by the leader; the mate refused it
         assert r2.state == "committed" and time.monotonic() - t0 < 30
-        info = Client(coord.endpoint).version("net", r2.version)
+        info = cl.version("net", r2.version)
         assert len(info["rejected"]) == 1
         assert "read wrong 3 times" in next(iter(info["rejected"].values()))
         with torch.no_grad():
             src[2].weight.add_(1)
-        got = applied(pub.publish("v3", timeout=60).version, 2)  # both, the refuser too
-        want = Manifest.from_state_dict(src).digest
-        assert all(m[3] == want for m in got.values())
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
-        pub.close()
-        coord.stop()
+        _applied(q, pub.publish("v3", timeout=60).version, src)  # both, the refuser too

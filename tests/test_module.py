@@ -14,30 +14,10 @@ import pytest
 import torch
 
 import hotweights
-from hotweights import UpdateError, config
-from hotweights.coordinator import start_embedded
+from hotweights import UpdateError
 
 from replicate_children import make_model
-
-FAST = {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
-        "HOTWEIGHTS_HANDLE_TTL": "3", "HOTWEIGHTS_VERSION_TIMEOUT_S": "60"}
-
-
-@pytest.fixture
-def coord(monkeypatch):
-    for k, v in FAST.items():
-        monkeypatch.setenv(k, v)
-    config.reset()
-    c = start_embedded()
-    yield c.endpoint
-    c.stop()
-
-
-def same(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> bool:
-    a = a.state_dict() if isinstance(a, torch.nn.Module) else a
-    b = b.state_dict() if isinstance(b, torch.nn.Module) else b
-    return a.keys() == b.keys() and all(torch.equal(a[k].detach(), b[k].detach()) for k in a)
-
+from utils import fast_coord, same_state  # noqa: F401 (fast_coord: the coord fixture)
 
 def bump(model: torch.nn.Module, by: float = 1.0) -> None:
     with torch.no_grad():
@@ -75,7 +55,7 @@ def test_a_raising_callback_neither_fails_the_forward_nor_skips_the_next(coord):
         v = p.pub.publish("v1").version
         p.h.wait(v, timeout=30, apply=False)
         p.dst(torch.randn(2, 32))  # applies v first, then runs
-        assert p.h.version == v and seen == [v] and same(p.dst, p.src)
+        assert p.h.version == v and seen == [v] and same_state(p.dst, p.src)
         assert "a broken logging callback" in p.h.last_error
 
 
@@ -112,7 +92,7 @@ def test_inplace_into_a_non_contiguous_parameter(coord):
                 bump(p.src)
             v = p.pub.publish(label).version
             assert p.h.wait(v, timeout=30) == v
-            assert same(p.dst, p.src) and not p.dst[0].weight.is_contiguous()
+            assert same_state(p.dst, p.src) and not p.dst[0].weight.is_contiguous()
 
 
 def test_tensors_replaced_after_register_are_the_ones_updated(coord):
@@ -126,13 +106,13 @@ def test_tensors_replaced_after_register_are_the_ones_updated(coord):
         dst.load_state_dict(fresh, assign=True)
         bump(src)
         v = p.pub.publish("v2").version
-        assert p.h.wait(v, timeout=30) == v and same(dst, src)
+        assert p.h.wait(v, timeout=30) == v and same_state(dst, src)
         # a dtype conversion replaces the buffers: a float64 version is now the right one
         src.double()
         dst.double()
         bump(src)
         v = p.pub.publish("v3").version
-        assert p.h.wait(v, timeout=30) == v and same(dst, src) and p.h.refused == {}
+        assert p.h.wait(v, timeout=30) == v and same_state(dst, src) and p.h.refused == {}
         assert dst[1].running_mean.dtype == torch.float64
 
 
@@ -158,7 +138,7 @@ def test_optimizer_over_part_of_the_model(coord):
     opt.step()
     with _Pair(coord, make_model(9), dst, swap="storage", optimizer=opt, opt_policy="reset") as p:
         v = p.pub.publish("v1").version
-        assert p.h.wait(v, timeout=30) == v and same(dst, p.src)
+        assert p.h.wait(v, timeout=30) == v and same_state(dst, p.src)
         rep = p.h.last_commit.optimizer
         assert "error" not in rep and p.h.last_error is None
         assert all(int(opt.state[q]["step"]) == 0 and not opt.state[q]["exp_avg"].any()
@@ -173,7 +153,7 @@ def test_an_optimizer_policy_that_fails_is_reported_and_the_version_stays_applie
     opt.state[dst[0].weight]["not_adams"] = torch.zeros(1)  # a state reset refuses to touch
     with _Pair(coord, make_model(11), dst, swap="storage", optimizer=opt, opt_policy="reset") as p:
         v = p.pub.publish("v1").version
-        assert p.h.wait(v, timeout=30) == v and p.h.version == v and same(dst, p.src)
+        assert p.h.wait(v, timeout=30) == v and p.h.version == v and same_state(dst, p.src)
         assert "not_adams" in p.h.last_commit.optimizer["error"]
         assert "optimizer policy failed" in p.h.last_error
 
@@ -231,13 +211,13 @@ def test_a_forward_ended_by_keyboard_interrupt_does_not_lock_the_handle(coord):
         v = p.pub.publish("v1").version
         p.h.wait(v, timeout=30, apply=False)
         dst(torch.randn(2, 32))  # the next forward applies it
-        assert p.h.version == v and same(dst, src)
+        assert p.h.version == v and same_state(dst, src)
         dst.armed = True
         with pytest.raises(KeyboardInterrupt):
             dst(torch.randn(2, 32))
         bump(src)
         v = p.pub.publish("v2").version
-        assert p.h.wait(v, timeout=10) == v and same(dst, src)  # an explicit commit too
+        assert p.h.wait(v, timeout=10) == v and same_state(dst, src)  # an explicit commit too
 
 
 def test_commit_from_inside_the_forward_raises_instead_of_deadlocking(coord):
@@ -255,7 +235,7 @@ def test_commit_from_inside_the_forward_raises_instead_of_deadlocking(coord):
         p.dst(torch.randn(2, 32))
         hook.remove()
         assert errors and "inside a forward" in errors[0] and p.h.version is None
-        assert p.h.commit(timeout=5) == 1 and same(p.dst, p.src)
+        assert p.h.commit(timeout=5) == 1 and same_state(p.dst, p.src)
 
 
 def test_bad_arguments_name_the_value(coord):

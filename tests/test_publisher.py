@@ -14,30 +14,12 @@ import pytest
 import torch
 
 import hotweights
-from hotweights import PublishError, config
-from hotweights.coordinator import Client, start_embedded
+from hotweights import PublishError
+from hotweights.coordinator import Client
 
 from coord_helpers import wait_until
 from replicate_children import make_model
-
-FAST = {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
-        "HOTWEIGHTS_HANDLE_TTL": "3", "HOTWEIGHTS_VERSION_TIMEOUT_S": "60"}
-
-
-@pytest.fixture
-def coord(monkeypatch):
-    for k, v in FAST.items():
-        monkeypatch.setenv(k, v)
-    config.reset()
-    c = start_embedded()
-    yield c.endpoint
-    c.stop()
-
-
-def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
+from utils import FAST_ENV, fast_coord, same_state  # noqa: F401 (fast_coord: the coord fixture)
 
 @pytest.mark.parametrize("direct", ["auto", "off"])
 def test_ctrl_c_during_publish_aborts_the_version_and_gives_the_slots_back(coord, direct):
@@ -64,7 +46,7 @@ def test_ctrl_c_during_publish_aborts_the_version_and_gives_the_slots_back(coord
         assert info["state"] == "aborted" and "publish interrupted: KeyboardInterrupt" in info["reason"]
         wait_until(lambda: sorted(pub._free) == free and not pub._inflight, 10, "slots back")
         v3 = pub.publish("v3", timeout=30).version  # the next publish works
-        assert h.wait(v3, timeout=30) == v3 and same(dst, src)
+        assert h.wait(v3, timeout=30) == v3 and same_state(dst, src)
     finally:
         h.close()
         pub.close()
@@ -112,7 +94,7 @@ def test_a_source_with_an_empty_tensor_publishes_with_direct_reads(coord):
 
 
 def _idle_publisher(endpoint: str, direct: str, q) -> None:
-    for k, v in FAST.items():
+    for k, v in FAST_ENV.items():
         os.environ[k] = v
     import time
 

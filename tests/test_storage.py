@@ -35,30 +35,18 @@ from safetensors.torch import save_file
 
 import hotweights
 from hotweights import config, ops, storage
-from hotweights.coordinator import Client, start_embedded
+from hotweights.coordinator import Client
 from hotweights.manifest import Manifest, dtype_name
 from hotweights.storage import ALIGN, CheckpointError, ReadRequest, StorageError
 
 import storage_children
 from storage_children import module_from
-from utils import children, get_message
+from utils import FAST_ENV, children, fast_coord, get_message  # noqa: F401 (fast_coord: the coord fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
-        "HOTWEIGHTS_HANDLE_TTL": "3", "HOTWEIGHTS_VERSION_TIMEOUT_S": "60"}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def coord(monkeypatch):
-    for k, v in FAST.items():
-        monkeypatch.setenv(k, v)
-    config.reset()
-    c = start_embedded()
-    yield c.endpoint
-    c.stop()
 
 
 @pytest.fixture
@@ -839,7 +827,7 @@ def test_checkpoint_corrupted_after_validation_publishes_nothing(coord, tmp_path
 
 
 def _env():
-    env = dict(os.environ, **FAST, PYTHONPATH=ROOT)
+    env = dict(os.environ, **FAST_ENV, PYTHONPATH=ROOT)
     env.pop("HOTWEIGHTS_COORD_ENDPOINT", None)
     return env
 

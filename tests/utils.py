@@ -12,6 +12,35 @@ import time
 import pytest
 
 
+# Heartbeats, deaths and leases fast enough for tests that kill and wait.
+FAST_ENV = {"HOTWEIGHTS_HEARTBEAT_S": "0.2", "HOTWEIGHTS_DEAD_AFTER_S": "1.5",
+            "HOTWEIGHTS_HANDLE_TTL": "3", "HOTWEIGHTS_VERSION_TIMEOUT_S": "60"}
+
+
+@pytest.fixture(name="coord")
+def fast_coord(monkeypatch):
+    """The ``coord`` fixture of a module that imports it: an embedded coordinator on a loopback
+    port under FAST_ENV; yields its endpoint, stops it after the test."""
+    from hotweights import config
+    from hotweights.coordinator import start_embedded
+
+    for k, v in FAST_ENV.items():
+        monkeypatch.setenv(k, v)
+    config.reset()
+    c = start_embedded()
+    yield c.endpoint
+    c.stop()
+
+
+def same_state(a, b) -> bool:
+    """Two modules (or state dicts) hold the same names and the same values, bit for bit."""
+    import torch
+
+    a = a.state_dict() if isinstance(a, torch.nn.Module) else a
+    b = b.state_dict() if isinstance(b, torch.nn.Module) else b
+    return a.keys() == b.keys() and all(torch.equal(a[k].detach(), b[k].detach()) for k in a)
+
+
 def cpu_and_cuda():
     """Parametrize over "cpu" always and "cuda" (marked, so it skips with a reason)."""
     return ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))

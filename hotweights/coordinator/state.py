@@ -104,6 +104,7 @@ class State:
         self.outbox: list[tuple[str, dict]] = []   # events to publish once the batch is written
         self.woken_models: set[str] = set()        # long-polls to re-evaluate
         self.woken_owners: set[str] = set()
+        self.left_models: set[str] = set()         # a client of these left: maybe unused now
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -333,6 +334,7 @@ class State:
 
     def _leave(self, rec: dict, action: str, replaced: bool = False) -> None:
         cid = rec["client_id"]
+        self.left_models.add(rec["model"])
         if not replaced:
             del self.clients[cid]
             self.seen.pop(cid, None)
@@ -940,16 +942,19 @@ class State:
                     self._abort(vrec, "timeout")
                 else:
                     self._evaluate(vrec)
-        self._forget_empty_models()
+        if self.left_models:
+            self._forget_empty_models()
         self.flush_counters()
 
     def _forget_empty_models(self) -> None:
         """Drops models nobody uses and nothing was ever published to (registrations under
         names that are gone): their records and event logs would otherwise grow forever.
-        A model with a version keeps its history (a later publisher continues from it)."""
+        A model with a version keeps its history (a later publisher continues from it). Only
+        models a client left since the last pass are looked at."""
+        left, self.left_models = self.left_models, set()
         used = {c["model"] for c in self.clients.values()}
-        for name in [n for n, m in self.models.items() if not m["vseq"] and n not in used
-                     and not self.handles_by_model.get(n)]:
+        for name in [n for n in left if n in self.models and not self.models[n]["vseq"]
+                     and n not in used and not self.handles_by_model.get(n)]:
             for d in (self.models, self.versions, self.handles_by_model, self.events):
                 d.pop(name, None)
             self.batch.delete("model", name)
